@@ -1,0 +1,1 @@
+"""affseg: UniCL-AffSeg and its sweep platform."""
