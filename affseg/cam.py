@@ -1,0 +1,139 @@
+"""Class activation maps from a frozen vision-language encoder (SPEC §2.2).
+
+The text features of the class prompts act as the classifier head: logits =
+exp(logit_scale) · cos(image embedding, text features) over the 20 foreground
+classes plus the background prompts. The CAM of a present class c is taken at
+one encoder block (the "CAM block", stride 16) from the gradient of the softmax
+probability of c, absent foreground classes being masked out of the softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+CamMethod = Literal["gradcam", "gradcampp", "layercam"]
+
+NORMALISE_EPS = 1e-5  # smallest value range a map is divided by in min-max normalisation
+GRADCAMPP_EPS = 1e-7  # keeps the Grad-CAM++ alpha denominator away from 0
+
+
+class CamEncoder(Protocol):
+    """The part of `DualEncoder` that CAMs need."""
+
+    def encode_image(self, images: Tensor, grad_block: int | None = None) -> Any:
+        """Returns `ImageFeatures` (`blocks`, `block_strides`, `embedding`)."""
+
+
+class CamClassifier(Protocol):
+    """The part of `ZeroShotClassifier` that CAMs need."""
+
+    num_foreground: int
+
+    def logits(self, image_embedding: Tensor) -> Tensor:
+        """(B, D) → (B, K_fg + K_bg) scaled cosine similarities."""
+
+
+def cam_from_gradients(acts: Tensor, grads: Tensor, method: CamMethod = "gradcam") -> Tensor:
+    """One CAM per image from a block's activations and the gradient of a class score.
+
+    acts, grads: (B, C, h, w). Returns (B, h, w), ReLU'd, not normalised.
+
+    - gradcam: w_c = mean_xy(grad_c); CAM = ReLU(Σ_c w_c A_c).
+    - gradcampp: the closed form of Grad-CAM++ (exp-score approximation):
+      α_c,xy = g² / (2 g² + Σ_x'y' A_c,x'y' · g³) (0 where g = 0),
+      w_c = Σ_xy α_c,xy · ReLU(g_c,xy); CAM = ReLU(Σ_c w_c A_c).
+    - layercam: CAM = ReLU(Σ_c ReLU(g_c) ⊙ A_c).
+    """
+    if method == "gradcam":
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cam = (weights * acts).sum(dim=1)
+    elif method == "gradcampp":
+        g2 = grads.pow(2)
+        g3 = grads.pow(3)
+        act_sum = acts.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + act_sum * g3 + GRADCAMPP_EPS)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (alpha * grads.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+        cam = (weights * acts).sum(dim=1)
+    elif method == "layercam":
+        cam = (grads.clamp(min=0) * acts).sum(dim=1)
+    else:
+        raise ValueError(f"unknown CAM method {method!r}; choose gradcam, gradcampp or layercam")
+    return cam.clamp(min=0)
+
+
+def minmax_normalise(cams: Tensor, eps: float = NORMALISE_EPS) -> Tensor:
+    """Map every (h, w) map to [0, 1]: (x − min) / max(max − min, eps).
+
+    cams: (B, K, h, w) → (B, K, h, w). A map whose range exceeds `eps` gets
+    maximum exactly 1; a constant map becomes 0.
+    """
+    flat = cams.flatten(2)
+    low = flat.amin(dim=2, keepdim=True)
+    span = (flat.amax(dim=2, keepdim=True) - low).clamp(min=eps)
+    return ((flat - low) / span).view_as(cams)
+
+
+def _slot_masks(labels: Tensor) -> Tensor:
+    """(B, K) {0, 1} → (S, B, K) bool; slot s marks each image's (s+1)-th present class."""
+    present = labels > 0
+    rank = present.long().cumsum(dim=1) - 1  # position of a present class among its image's present classes
+    slots = int(present.sum(dim=1).max().item()) if present.numel() else 0
+    order = torch.arange(slots, device=labels.device).view(-1, 1, 1)
+    return present.unsqueeze(0) & (rank.unsqueeze(0) == order)
+
+
+def compute_cams(
+    encoder: CamEncoder,
+    classifier: CamClassifier,
+    images: Tensor,
+    labels: Tensor,
+    cam_block: int,
+    method: CamMethod = "gradcam",
+) -> tuple[Tensor, Any]:
+    """CAMs of every present class, batched over images, and the encoder features.
+
+    images: (B, 3, H, W) normalised as the encoder expects; labels: (B, K_fg)
+    float {0, 1}; cam_block: index into `features.blocks` of the target block
+    (the caller maps the config's stride-16 index through `stage_blocks`).
+
+    One forward pass with the target block as a grad leaf, then one backward per
+    present-class slot: slot s sums the target probabilities of every image's
+    (s+1)-th present class. Images do not interact in the encoder, so each image
+    receives exactly its own class's gradient.
+
+    Returns (cams (B, K_fg, h, w) detached — absent classes exactly 0, present
+    ones min-max normalised to [0, 1] — and the `ImageFeatures` with every block
+    detached).
+    """
+    num_fg = labels.shape[1]
+    if num_fg != classifier.num_foreground:
+        raise ValueError(f"labels have {num_fg} classes but the classifier has {classifier.num_foreground}")
+    with torch.enable_grad():
+        features = encoder.encode_image(images, grad_block=cam_block)
+        acts = features.blocks[cam_block]
+        logits = classifier.logits(features.embedding)
+        present = labels > 0
+        # an image without any present class keeps its plain softmax (never a row of -inf only)
+        absent = ~present & present.any(dim=1, keepdim=True)
+        fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
+        probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
+
+        slots = _slot_masks(labels)
+        batch, _, height, width = acts.shape
+        cams = acts.new_zeros(batch, num_fg, height, width, dtype=torch.float32)
+        detached = acts.detach().float()
+        for index, mask in enumerate(slots):
+            score = (probs * mask).sum()
+            (grads,) = torch.autograd.grad(score, acts, retain_graph=index < len(slots) - 1)
+            cam = cam_from_gradients(detached, grads.float(), method)  # (B, h, w), float32 under AMP too
+            cams = cams + mask[:, :, None, None] * cam[:, None]
+
+    cams = minmax_normalise(cams) * present[:, :, None, None]
+    blocks = [block.detach() for block in features.blocks]
+    features = dataclasses.replace(features, blocks=blocks, embedding=features.embedding.detach())
+    return cams.detach(), features

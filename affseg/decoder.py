@@ -1,0 +1,82 @@
+"""Segmentation decoder on frozen encoder blocks (SPEC §2.3, eqs. 3.6–3.7).
+
+blocks → per-block MLP (eq. 3.6) → concat → 1×1 conv + dropout = F_u (eq. 2)
+→ pre-norm transformer layers over the h·w tokens → 1×1 conv → bilinear upsampling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from affseg.config import ModelConfig
+from affseg.data.classes import NUM_CLASSES
+
+
+class BlockMLP(nn.Module):
+    """F_new = W1 ReLU(W2 F) on every token (eq. 3.6), as 1×1 convolutions. (B, C, h, w) → (B, D, h, w)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_dim, hidden_dim, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class SegDecoder(nn.Module):
+    """Fuse encoder blocks into F_u and predict class logits.
+
+    in_dims: channels of each block fed in (same order as `forward`'s blocks).
+    The transformer stack is followed by a final LayerNorm (usual for pre-norm stacks).
+    """
+
+    def __init__(self, in_dims: list[int], cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        if not in_dims:
+            raise ValueError("SegDecoder needs at least one input block")
+        self.mlps = nn.ModuleList(BlockMLP(dim, cfg.decoder_mlp_dim) for dim in in_dims)
+        self.fuse = nn.Conv2d(len(in_dims) * cfg.decoder_mlp_dim, cfg.decoder_dim, kernel_size=1)
+        self.dropout = nn.Dropout(cfg.decoder_dropout)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model=cfg.decoder_dim,
+                nhead=cfg.decoder_heads,
+                dim_feedforward=round(cfg.decoder_dim * cfg.decoder_mlp_ratio),
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(cfg.decoder_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.decoder_dim)
+        self.head = nn.Conv2d(cfg.decoder_dim, num_classes, kernel_size=1)
+
+    def forward(self, blocks: list[Tensor], out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """blocks: (B, C_k, h_k, w_k) each; those off the first block's h×w are resized (bilinear).
+
+        Returns (logits (B, num_classes, *out_size), fused F_u (B, d, h, w)).
+        """
+        if len(blocks) != len(self.mlps):
+            raise ValueError(f"SegDecoder built for {len(self.mlps)} blocks, got {len(blocks)}")
+        grid = blocks[0].shape[-2:]
+        projected = []
+        for mlp, block in zip(self.mlps, blocks):
+            if block.shape[-2:] != grid:
+                block = F.interpolate(block, size=grid, mode="bilinear", align_corners=False)
+            projected.append(mlp(block))
+        fused = self.dropout(self.fuse(torch.cat(projected, dim=1)))  # F_u (B, d, h, w)
+
+        batch, dim, height, width = fused.shape
+        tokens = fused.flatten(2).transpose(1, 2)  # (B, h·w, d)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        tokens = self.norm(tokens).transpose(1, 2).reshape(batch, dim, height, width)
+        logits = F.interpolate(self.head(tokens), size=out_size, mode="bilinear", align_corners=False)
+        return logits, fused

@@ -1,0 +1,101 @@
+"""From CAMs to pseudo-labels: affinity refinement chain, background, PAR, argmax (SPEC §2.4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from affseg.cam import minmax_normalise
+from affseg.config import RefineConfig
+from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
+from affseg.refine.affinity import combine_affinities, select_layers
+from affseg.refine.par import par
+from affseg.refine.random_walk import box_masks, random_walk, transition_matrix
+
+
+@torch.no_grad()
+def refine_cams(cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: RefineConfig) -> Tensor:
+    """Affinity random walk of the CAMs (§2.4 steps 3–6).
+
+    cams: (B, K_fg, h, w) raw CAMs (absent classes 0); aff_enc: (B, L, N, N) encoder
+    affinities in block order; aff_dec: (B, N, N) decoder affinity, or None before
+    `refine_start` (then R = mean of the last `warmup_blocks` encoder affinities).
+    Otherwise the candidates are the last `n0`, filtered by `select_layers` and
+    weighted by A_f (detached). Returns (B, K_fg, h, w); absent classes stay 0.
+    """
+    if aff_dec is None:
+        affinity = combine_affinities(None, aff_enc[:, -cfg.warmup_blocks :])
+    else:
+        aff_dec = aff_dec.detach()
+        candidates = aff_enc[:, -cfg.n0 :]
+        keep = select_layers(aff_dec, candidates, cfg.deviation)
+        affinity = combine_affinities(aff_dec, candidates, keep)
+    transition = transition_matrix(affinity, cfg.sinkhorn_iters)
+    boxes = box_masks(cams, cfg.box_threshold)
+    return random_walk(transition, cams, cfg.alpha, boxes, cfg.box_mask)
+
+
+def add_background(fg: Tensor, cfg: RefineConfig) -> Tensor:
+    """Prepend a background map to foreground scores in [0, 1].
+
+    fg: (B, K, H, W) → (B, 1 + K, H, W), background first.
+    `power`: bg = (1 − max_c fg_c)^bg_power; `constant`: bg = bg_score everywhere.
+    """
+    if cfg.background == "power":
+        background = (1 - fg.amax(dim=1, keepdim=True)).clamp(min=0).pow(cfg.bg_power)
+    elif cfg.background == "constant":
+        background = torch.full_like(fg[:, :1], cfg.bg_score)
+    else:
+        raise ValueError(f"unknown background mode {cfg.background!r}; choose power or constant")
+    return torch.cat([background, fg], dim=1)
+
+
+def _present_first(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's present classes packed to the front.
+
+    labels: (B, K_fg) {0, 1}. Returns (classes (B, S) long, valid (B, S) bool), S = the
+    largest present count in the batch (at least 1); slots past an image's count are invalid.
+    """
+    present = labels > 0
+    slots = max(1, int(present.sum(dim=1).max().item()))
+    order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :slots]
+    return order, present.gather(1, order)
+
+
+@torch.no_grad()
+def pseudo_labels(fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool) -> Tensor:
+    """Pixel labels in VOC index space (0 = background, c + 1 = foreground class c).
+
+    fg_maps: (B, K_fg, h, w) grid scores; labels: (B, K_fg) {0, 1}; images: (B, 3, H, W)
+    the normalised input. Present maps are min-max normalised (absent ones are never
+    looked at), upsampled bilinearly to H×W, a background map is prepended, PAR runs on
+    background + present maps when `use_par` (training passes `cfg.par.enabled`), and
+    the argmax runs over background + present classes only.
+
+    Ignore band (`cfg.ignore_band`): a pixel whose best foreground score lies in
+    [low_threshold, high_threshold) becomes IGNORE_INDEX. After PAR the scores are
+    divided by PAR's growth (1 + w2)^iterations so the thresholds keep their [0, 1] scale.
+    Returns (B, H, W) long.
+    """
+    classes, valid = _present_first(labels)  # (B, S)
+    grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
+    grid = minmax_normalise(grid) * valid[:, :, None, None]
+    fg = F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
+    if use_par:
+        scores = par(images, scores, cfg.par)
+
+    allowed = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)[:, :, None, None]
+    slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background
+    fg_index = classes.gather(1, (slot.flatten(1) - 1).clamp(min=0)).view_as(slot) + 1
+    result = torch.where(slot == 0, torch.full_like(slot, BACKGROUND_INDEX), fg_index)
+
+    if cfg.ignore_band:
+        fg_scores = scores[:, 1:].masked_fill(~valid[:, :, None, None], 0.0)
+        if use_par:
+            fg_scores = fg_scores / (1 + cfg.par.w2) ** cfg.par.iterations
+        best = fg_scores.amax(dim=1)
+        band = (best >= cfg.low_threshold) & (best < cfg.high_threshold)
+        result = result.masked_fill(band, IGNORE_INDEX)
+    return result

@@ -1,0 +1,126 @@
+"""Transition matrix, box masks and random-walk propagation (SPEC §2.4 steps 5–6).
+
+Orientation: maps are column vectors over the N = h·w grid cells (row-major), and
+one walk step is M ← T M, i.e. M_new[i] = Σ_j T[i, j] M[j]; j is the source cell.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BoxMode = Literal["output", "source"]
+
+SUM_FLOOR = 1e-12  # a row/column of R summing to 0 is divided by this instead (stays 0)
+
+
+def sinkhorn(affinity: Tensor, iters: int = 3) -> Tensor:
+    """Sinkhorn normalisation: `iters` rounds of (columns, then rows) to sum 1.
+
+    affinity: (B, N, N) non-negative. Returns R_nor (B, N, N): rows sum to 1 up to
+    rounding (the last step), columns only approximately.
+    """
+    out = affinity
+    for _ in range(iters):
+        out = out / out.sum(dim=-2, keepdim=True).clamp(min=SUM_FLOOR)
+        out = out / out.sum(dim=-1, keepdim=True).clamp(min=SUM_FLOOR)
+    return out
+
+
+def transition_matrix(affinity: Tensor, iters: int = 3) -> Tensor:
+    """T = (R_nor + R_norᵀ) / 2 — exactly symmetric, rows sum ≈ 1; no renormalisation.
+
+    affinity: (B, N, N) → (B, N, N).
+    """
+    normalised = sinkhorn(affinity, iters)
+    return (normalised + normalised.transpose(-2, -1)) / 2
+
+
+def _component_labels(mask: Tensor) -> Tensor:
+    """8-connected components of (M, h, w) bool masks.
+
+    Returns (M, h, w) long: 0 outside the mask; inside, 1 + the largest flat index
+    of the pixel's component (a 3×3 max-propagation run until it stops changing).
+    """
+    height, width = mask.shape[-2:]
+    ids = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float64)
+    keep = mask.unsqueeze(1).to(torch.float64)
+    labels = ids.view(1, 1, height, width) * keep
+    while True:
+        grown = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * keep
+        if torch.equal(grown, labels):
+            return labels.squeeze(1).long()
+        labels = grown
+
+
+def box_masks(cams: Tensor, threshold: float) -> Tensor:
+    """Union of the bounding rectangles of each map's high-activation regions.
+
+    cams: (B, K, h, w). A cell is active when cam > threshold · max of its map;
+    active cells form 8-connected regions; each region's bounding rectangle
+    (inclusive of its last row and column, at the border too) is set, and the
+    rectangles are OR-ed. A map with max ≤ 0 (absent class) has no active cell.
+    Returns (B, K, h, w) bool.
+    """
+    batch, classes, height, width = cams.shape
+    flat = cams.reshape(batch * classes, height, width)
+    peak = flat.flatten(1).amax(dim=1).view(-1, 1, 1)
+    active = (flat > threshold * peak) & (peak > 0)
+    labels = _component_labels(active).flatten(1)  # (M, N), 0 = none
+
+    maps, cells = labels.shape
+    rows = torch.arange(height, device=cams.device).repeat_interleave(width).expand(maps, cells)
+    cols = torch.arange(width, device=cams.device).repeat(height).expand(maps, cells)
+    slots = cells + 1  # one slot per possible label, slot 0 collects inactive cells
+
+    def reduce(values: Tensor, how: str, start: int) -> Tensor:
+        out = torch.full((maps, slots), start, dtype=torch.long, device=cams.device)
+        return out.scatter_reduce(1, labels, values, reduce=how, include_self=True)
+
+    top, bottom = reduce(rows, "amin", height), reduce(rows, "amax", -1)
+    left, right = reduce(cols, "amin", width), reduce(cols, "amax", -1)
+    real = bottom >= 0
+    real[:, 0] = False
+
+    # 2-D difference array: +1 at the top-left corner of each rectangle, −1 just past its
+    # right and bottom edges, +1 past both; its 2-D prefix sum counts covering rectangles.
+    stride = width + 1
+    top, bottom, left, right = (t.clamp(min=0) for t in (top, bottom, left, right))
+    below = (bottom + 1) * stride
+    corners = torch.cat([top * stride + left, top * stride + right + 1, below + left, below + right + 1], dim=1)
+    signs = torch.tensor([1, -1, -1, 1], device=cams.device).repeat_interleave(slots)
+    weights = signs * real.repeat(1, 4)  # (M, 4·slots); unused slots add nothing
+    diff = torch.zeros(maps, (height + 1) * stride, dtype=torch.long, device=cams.device)
+    diff.scatter_add_(1, corners, weights)
+    cover = diff.view(maps, height + 1, width + 1).cumsum(dim=1).cumsum(dim=2)
+    return (cover[:, :height, :width] > 0).view(batch, classes, height, width)
+
+
+def random_walk(transition: Tensor, cams: Tensor, alpha: int, boxes: Tensor, mode: BoxMode = "output") -> Tensor:
+    """Propagate CAMs α steps over T and restrict them to their box (eq. 3.16).
+
+    transition: (B, N, N); cams, boxes: (B, K, h, w) with N = h·w; alpha ≥ 1.
+    - output: M_f = B ⊙ (T^α M_init) (the paper's equation).
+    - source: M_f = T^α (B ⊙ M_init), i.e. column j of T^α is zeroed for every
+      source cell j outside the box (the reference code); cells outside the
+      box may receive mass.
+    T^α is never formed: M is multiplied by T α times (same result, K ≪ N).
+    Returns (B, K, h, w).
+    """
+    if alpha < 1:
+        raise ValueError(f"alpha must be an integer >= 1, got {alpha}")
+    batch, classes, height, width = cams.shape
+    box = boxes.to(cams.dtype).reshape(batch, classes, -1).transpose(1, 2)  # (B, N, K)
+    walked = cams.reshape(batch, classes, -1).transpose(1, 2)  # (B, N, K)
+    if mode == "source":
+        walked = walked * box
+    elif mode != "output":
+        raise ValueError(f"unknown box mode {mode!r}; choose output or source")
+    for _ in range(alpha):
+        walked = transition @ walked
+    if mode == "output":
+        walked = walked * box
+    return walked.transpose(1, 2).reshape(batch, classes, height, width)

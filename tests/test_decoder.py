@@ -1,0 +1,37 @@
+"""SegDecoder: shapes, resizing of other-stride blocks, gradients only in the decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from affseg.config import ModelConfig
+from affseg.decoder import SegDecoder
+
+TINY = ModelConfig(decoder_dim=16, decoder_mlp_dim=8, decoder_layers=2, decoder_heads=2, decoder_dropout=0.1)
+
+
+def test_shapes_and_block_resizing():
+    torch.manual_seed(0)
+    decoder = SegDecoder([6, 10], TINY).eval()
+    blocks = [torch.randn(2, 6, 4, 5), torch.randn(2, 10, 2, 3)]  # second block at another stride
+    logits, fused = decoder(blocks, (64, 80))
+    assert logits.shape == (2, 21, 64, 80)
+    assert fused.shape == (2, 16, 4, 5)
+    # images do not interact
+    single, _ = decoder([b[:1] for b in blocks], (64, 80))
+    assert torch.allclose(single[0], logits[0], atol=1e-5)
+
+
+def test_gradients_reach_only_decoder():
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(3, 6, kernel_size=16, stride=16).requires_grad_(False)
+    decoder = SegDecoder([6, 6], TINY)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        block = encoder(images)
+    logits, fused = decoder([block, block * 2], (64, 64))
+    (logits.square().mean() + fused.mean()).backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+    assert not block.requires_grad
