@@ -1,0 +1,35 @@
+"""Build a frozen dual encoder by name: ``build_encoder('unicl_swin_b', checkpoint=path)``."""
+
+from __future__ import annotations
+
+import os
+
+from affseg.backbones.base import DualEncoder
+from affseg.backbones.checkpoint import load_openai_clip, load_unicl
+from affseg.backbones.clip_vit import CLIP_CONFIGS, ClipVitEncoder
+from affseg.backbones.unicl import UNICL_CONFIGS, UniCLEncoder
+
+ENCODER_NAMES: tuple[str, ...] = (*UNICL_CONFIGS, *CLIP_CONFIGS)
+
+
+def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> DualEncoder:
+    """A frozen (``requires_grad=False``, eval mode) encoder on CPU.
+
+    Args:
+        name: one of ``ENCODER_NAMES``: ``unicl_swin_b``, ``unicl_swin_tiny``, ``clip_vit_b16``, ``clip_vit_tiny``.
+        checkpoint: weights to load strictly (UniCL: published layout; CLIP: OpenAI file);
+            None gives random weights.
+
+    Raises:
+        ValueError: unknown name. ``CheckpointError`` (a ValueError): unreadable or mismatching file.
+    """
+    if name in UNICL_CONFIGS:
+        encoder: DualEncoder = UniCLEncoder(UNICL_CONFIGS[name])
+        if checkpoint is not None:
+            load_unicl(checkpoint, encoder)
+    elif name in CLIP_CONFIGS:
+        config = CLIP_CONFIGS[name]
+        encoder = ClipVitEncoder(config) if checkpoint is None else load_openai_clip(checkpoint, config)
+    else:
+        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODER_NAMES)}")
+    return encoder.freeze()
