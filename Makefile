@@ -3,11 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+AFFSEG := $(VENV)/bin/affseg
 export OMP_WAIT_POLICY := PASSIVE
-SPACE ?= refine
-DATA ?= demo
 
-.PHONY: setup test test-slow demo
+SPACE ?= refine          # sweeps/<SPACE>.yaml: refine | loss | lr | full
+DATA ?= demo             # sweeps/profiles/<DATA>.yaml: demo | voc (voc needs VOC_ROOT and UNICL)
+RESUME ?= 0              # 1 = continue the interrupted sweep of the same SPACE/DATA
+SWEEP ?=                 # sweep name for promote (default: the latest sweep)
+MODEL ?= models:/affseg@champion
+SPLIT ?= val
+CRF ?= 0
+EXPORT ?=
+HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+OPTUNA_PORT ?= 8080
+
+.PHONY: setup test test-slow demo train sweep promote evaluate mlflow-ui optuna-dashboard clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,4 +35,25 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/affseg make-demo --out data/demo
+	$(AFFSEG) make-demo --out data/demo
+
+train: setup
+	$(AFFSEG) train
+
+sweep: setup
+	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,)
+
+promote: setup
+	$(AFFSEG) promote $(if $(strip $(SWEEP)),--sweep $(strip $(SWEEP)),)
+
+evaluate: setup
+	$(AFFSEG) evaluate --model $(strip $(MODEL)) --split $(strip $(SPLIT)) \
+		$(if $(filter 1,$(strip $(CRF))),--crf,) $(if $(strip $(EXPORT)),--export $(strip $(EXPORT)),)
+
+mlflow-ui: setup
+	mkdir -p mlflow/artifacts
+	$(VENV)/bin/mlflow ui --host $(HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts
+
+optuna-dashboard: setup
+	$(VENV)/bin/optuna-dashboard --host $(HOST) --port $(OPTUNA_PORT) sqlite:///mlflow/optuna.db

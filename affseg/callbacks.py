@@ -31,6 +31,22 @@ class ValidationResult:
     pseudo: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """Plain containers only (checkpoint-safe under `torch.load(weights_only=True)`); figures dropped."""
+        return {
+            "iteration": self.iteration, "miou": self.miou, "pixel_acc": self.pixel_acc, "mean_acc": self.mean_acc,
+            "classes": list(self.per_class["class"]), "iou": [float(v) for v in self.per_class["iou"]],
+            "confusion": self.confusion.tolist(), "pseudo": dict(self.pseudo),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ValidationResult":
+        return cls(
+            iteration=values["iteration"], miou=values["miou"], pixel_acc=values["pixel_acc"],
+            mean_acc=values["mean_acc"], per_class=pd.DataFrame({"class": values["classes"], "iou": values["iou"]}),
+            confusion=np.asarray(values["confusion"], dtype=np.int64), pseudo=dict(values["pseudo"]),
+        )
+
     def metrics(self) -> dict[str, float]:
         """Flat scalar metrics: val/miou, val/pixel_acc, val/mean_acc, iou/<class>, pseudo/<kind>."""
         values = {"val/miou": self.miou, "val/pixel_acc": self.pixel_acc, "val/mean_acc": self.mean_acc}

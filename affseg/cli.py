@@ -27,7 +27,52 @@ def _prepare_voc(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
-COMMANDS = {"make-demo": _make_demo, "prepare-voc": _prepare_voc}
+def _train(args: argparse.Namespace) -> int:
+    from affseg.config import load_config, packaged_config
+    from affseg.progress import PrintProgress
+    from affseg.train import train
+
+    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    config = load_config(args.config or packaged_config("demo"), overrides)
+    result = train(config, [PrintProgress(config.train.iterations)], resume_from=args.resume)
+    return 0 if result.best is not None else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from affseg.evaluate import evaluate, load_trained
+
+    if args.model:
+        from affseg.sweep.promote import evaluate_registered
+
+        return evaluate_registered(args.model, split=args.split, crf=args.crf, export=args.export, limit=args.limit)
+    trained = load_trained(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint)
+    scores = evaluate(trained, args.split, args.crf, args.export, args.limit)
+    if scores is not None:
+        print(scores.per_class.assign(iou=lambda d: (100 * d.iou).round(1)).to_string(index=False))
+        print(f"mIoU {100 * scores.miou:.1f}  pAcc {100 * scores.pixel_acc:.1f}  mAcc {100 * scores.mean_acc:.1f}")
+    if args.export:
+        print(f"palette PNGs written to {args.export}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from affseg.backbones.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    summary = pretrain(config)
+    print(f"wrote {config.out}; final zero-shot {summary['history'][-1]}")
+    return 0
+
+
+COMMANDS = {
+    "make-demo": _make_demo,
+    "prepare-voc": _prepare_voc,
+    "train": _train,
+    "evaluate": _evaluate,
+    "pretrain": _pretrain,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     voc = sub.add_parser("prepare-voc", help="build SegmentationClassAug, train_aug.txt, cls labels; check layout")
     voc.add_argument("--root", required=True, help="the VOCdevkit/VOC2012 folder")
     voc.add_argument("--sbd", default=None, help="SBD benchmark_RELEASE (or its dataset/) folder")
+    tr = sub.add_parser("train", help="train UniCL-AffSeg (no --config: the demo configuration)")
+    tr.add_argument("--config", default=None, help="YAML config (default: the packaged demo config)")
+    tr.add_argument("--out", default=None, help="output folder (train.out_dir)")
+    tr.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. refine.alpha=3")
+
+    ev = sub.add_parser("evaluate", help="multi-scale (+CRF) evaluation of a checkpoint or registered model")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (best.pt / last.pt)")
+    source.add_argument("--model", help="a registered model URI, e.g. models:/affseg@champion")
+    ev.add_argument("--encoder-checkpoint", default=None, help="override the encoder weights path")
+    ev.add_argument("--split", default="val", choices=["val", "test", "train_aug"])
+    ev.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    ev.add_argument("--export", default=None, help="write VOC palette PNGs here")
+    ev.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
+
+    from dataclasses import fields
+
+    from affseg.backbones.pretrain import PretrainConfig
+
+    pre = sub.add_parser("pretrain", help="contrastive UniCL pre-training of a tiny encoder on the demo set")
+    for f in fields(PretrainConfig):
+        pre.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
     return parser
 
 

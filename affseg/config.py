@@ -7,6 +7,8 @@ offending key, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ class ModelConfig:
     """Frozen encoder, CAM source and decoder (SPEC §2.1–2.3)."""
 
     encoder: str = "unicl_swin_tiny"  # registry name: unicl_swin_b | unicl_swin_tiny | clip_vit_b16 | clip_vit_tiny
-    checkpoint: str = ""  # encoder weights; "" = the committed demo checkpoint for tiny encoders
+    checkpoint: str = ""  # encoder weights file; "" = committed demo weights (tiny encoder); "random" = random init
     cam_method: Literal["gradcam", "gradcampp", "layercam"] = "gradcam"
     cam_block: int = -1  # index among the stride-16 blocks; -1 = last block of that stage
     prompt_template: str = "a clean origami {}."
@@ -330,6 +332,23 @@ def set_path(values: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(values: Any, path: Path, key: str = "") -> Any:
+    """Replace `${VAR}` in string values by the environment variable; unset → one-line ConfigError."""
+    if isinstance(values, dict):
+        return {k: expand_env(v, path, f"{key}.{k}" if key else str(k)) for k, v in values.items()}
+    if isinstance(values, list):
+        return [expand_env(v, path, f"{key}[{i}]") for i, v in enumerate(values)]
+    if isinstance(values, str):
+        for name in ENV_PATTERN.findall(values):
+            if name not in os.environ:
+                raise ConfigError(f"{path}: {key} needs environment variable {name}, which is not set")
+        return ENV_PATTERN.sub(lambda m: os.environ[m.group(1)], values)
+    return values
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or a syntax error is a one-line ConfigError."""
     path = Path(path)
@@ -343,7 +362,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return values
+    return expand_env(values, path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -356,6 +375,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return from_dict(values)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a configuration shipped with the package (`demo`, `voc`)."""
+    path = PACKAGED_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"no packaged config {name!r}; choose one of {choices}")
+    return path
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -149,7 +149,7 @@ class VocSegmentation(Dataset):
         """Augmentation randomness is a function of (seed, epoch, index): resumable and worker-independent."""
         self.epoch = epoch
 
-    def _load(self, index: int) -> dict:
+    def _load(self, index: int, rng_key: tuple) -> dict:
         image_id = self.ids[index]
         image = read_image(self.layout.image(image_id))
         mask_path = self.layout.mask(image_id)
@@ -163,18 +163,21 @@ class VocSegmentation(Dataset):
             raise OSError(f"{mask_path}: mask size {mask.shape} differs from image {image.shape[:2]}")
         labels = self.labels.get(image_id, np.zeros(NUM_FOREGROUND, np.float32))
         if self.augment is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            tensor, target = self.augment(image, mask, rng)
+            tensor, target = self.augment(image, mask, np.random.default_rng(rng_key))
         else:
             tensor, target = normalise(image), torch.from_numpy(mask.astype(np.int64))
         return {"image": tensor, "mask": target, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
                 "id": image_id, "index": index}
 
     def __getitem__(self, index: int) -> dict:
+        return self.get(index, (self.seed, self.epoch, index))
+
+    def get(self, index: int, rng_key: tuple) -> dict:
+        """Item `index` with augmentation seeded by `rng_key`; an unreadable one is skipped."""
         for offset in range(len(self.ids)):
             candidate = (index + offset) % len(self.ids)
             try:
-                return self._load(candidate)
+                return self._load(candidate, rng_key)
             except OSError as err:
                 if self.ids[candidate] not in self.bad_ids:
                     self.bad_ids.add(self.ids[candidate])

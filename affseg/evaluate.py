@@ -1,0 +1,118 @@
+"""`affseg evaluate`: multi-scale + flip inference (long side 512), optional dense CRF, per-class table,
+VOC palette PNG export (the test split has no masks: export only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from affseg.config import Config, EvalConfig, from_dict
+from affseg.crf import dense_crf
+from affseg.data.classes import voc_palette
+from affseg.data.transforms import normalise
+from affseg.data.voc import VocSegmentation, read_image
+from affseg.metrics import ConfusionMatrix, SegmentationScores
+from affseg.model import UniClAffSeg, build_model
+from affseg.train import load_checkpoint, select_device
+
+SIZE_MULTIPLE = 32  # the encoder pads to this; resizing to it avoids padded borders in the logits
+
+
+@dataclass
+class TrainedModel:
+    """A decoder checkpoint loaded into the full model, with the config it was trained with."""
+
+    model: UniClAffSeg
+    config: Config
+    device: torch.device
+
+
+def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None) -> TrainedModel:
+    """Model + decoder weights from a training checkpoint; `encoder_checkpoint` overrides the saved path."""
+    state = load_checkpoint(checkpoint)
+    config = from_dict(state["config"])
+    if encoder_checkpoint is not None:
+        config.model.checkpoint = encoder_checkpoint
+    torch_device = select_device(device)
+    model = build_model(config, torch_device)
+    model.decoder.load_state_dict(state["decoder"])
+    model.eval()
+    return TrainedModel(model, config, torch_device)
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_probs(model: UniClAffSeg, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """image (1, 3, H, W) normalised → class probabilities (21, H, W).
+
+    The long side is resized to `cfg.long_side`; logits at each scale (and its flip) are resized
+    back to that size and averaged, then softmaxed and resized to H × W.
+    """
+    height, width = image.shape[-2:]
+    base = cfg.long_side / max(height, width)
+    target = (round(height * base), round(width * base))
+    total = torch.zeros(1, 21, *target, device=image.device)
+    count = 0
+    for scale in cfg.scales:
+        size = tuple(max(SIZE_MULTIPLE, round(s * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for s in target)
+        scaled = _resize(image, size)
+        views = [scaled, scaled.flip(-1)] if cfg.flip else [scaled]
+        for index, view in enumerate(views):
+            logits = model.predict(view).float()
+            if index == 1:
+                logits = logits.flip(-1)
+            total += _resize(logits, target)
+            count += 1
+    probs = torch.softmax(total / count, dim=1)
+    return _resize(probs, (height, width))[0]
+
+
+def predict_mask(trained: TrainedModel, image: np.ndarray, crf: bool | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (H, W) uint8 VOC class indices."""
+    tensor = normalise(image)[None].to(trained.device)
+    probs = predict_probs(trained.model, tensor, trained.config.eval)
+    use_crf = trained.config.eval.crf if crf is None else crf
+    if use_crf:
+        return dense_crf(image, probs.cpu().numpy(), trained.config.eval).argmax(0).astype(np.uint8)
+    return probs.argmax(0).cpu().numpy().astype(np.uint8)
+
+
+def load_predictor(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None):
+    """A callable image (H, W, 3) uint8 → mask (H, W) uint8, as served by the promoted pyfunc model."""
+    trained = load_trained(checkpoint, device, encoder_checkpoint)
+    return lambda image: predict_mask(trained, image)
+
+
+def save_palette_png(mask: np.ndarray, path: Path) -> None:
+    png = Image.fromarray(mask.astype(np.uint8), mode="P")
+    png.putpalette(voc_palette())
+    png.save(path)
+
+
+def evaluate(trained: TrainedModel, split: str = "val", crf: bool = False, export: str | Path | None = None,
+             limit: int = 0) -> SegmentationScores | None:
+    """Score `split` (None for the unlabelled test split); export palette PNGs to `export` if given."""
+    config = trained.config
+    dataset = VocSegmentation(config.data.root, split, None, config.data.cls_labels, limit=limit)
+    export_dir = Path(export) if export else None
+    if export_dir:
+        export_dir.mkdir(parents=True, exist_ok=True)
+    confusion = ConfusionMatrix()
+    labelled = split != "test"
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image = read_image(dataset.layout.image(item["id"]))
+        mask = predict_mask(trained, image, crf)
+        if labelled:
+            confusion.update(torch.from_numpy(mask), item["mask"])
+        if export_dir:
+            save_palette_png(mask, export_dir / f"{item['id']}.png")
+    return confusion.summary() if labelled else None
