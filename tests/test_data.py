@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from affseg.data.classes import IGNORE_INDEX, NUM_FOREGROUND
-from affseg.data.demo import DEMO_CLASSES, DemoSpec, demo_class_indices, render_image
+from affseg.data.demo import DEMO_CLASSES, IMAGE_SIZE, demo_class_indices, render_image
 from affseg.data.transforms import TrainAugment
 from affseg.data.voc import DatasetError, VocSegmentation, labels_from_mask, read_mask
 
@@ -15,8 +15,8 @@ def test_demo_eval_items(small_demo):
     allowed = {0, *demo_class_indices()}
     for index in range(len(dataset)):
         item = dataset[index]
-        assert item["image"].shape == (3, 224, 224) and item["image"].dtype == torch.float32
-        assert item["mask"].shape == (224, 224) and item["mask"].dtype == torch.int64
+        assert item["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and item["image"].dtype == torch.float32
+        assert item["mask"].shape == (IMAGE_SIZE, IMAGE_SIZE) and item["mask"].dtype == torch.int64
         present = set(item["mask"].unique().tolist())
         assert present <= allowed and len(present) >= 2  # background + at least one object
         # image-level labels are exactly the mask's foreground classes
@@ -26,12 +26,14 @@ def test_demo_eval_items(small_demo):
 
 
 def test_train_augment_shapes_and_padding(small_demo):
-    augment = TrainAugment(crop_size=160, scale_min=0.5, scale_max=0.5)  # 224*0.5 = 112 < 160 → padding
+    crop = 2 * IMAGE_SIZE // 3
+    augment = TrainAugment(crop_size=crop, scale_min=0.5, scale_max=0.5)  # the image shrinks to half: padding
     dataset = VocSegmentation(small_demo, "train_aug", augment=augment, seed=1)
     item = dataset[0]
-    assert item["image"].shape == (3, 160, 160) and item["mask"].shape == (160, 160)
+    assert item["image"].shape == (3, crop, crop) and item["mask"].shape == (crop, crop)
     padded = item["mask"] == IGNORE_INDEX
-    assert 0.4 < padded.float().mean() < 0.6  # 160² − 112² of 160² ≈ 0.51 is padding
+    expected = 1 - (IMAGE_SIZE / 2) ** 2 / crop**2  # (2/3)² vs (1/2)² of the side: 44 % padding
+    assert abs(padded.float().mean() - expected) < 0.02
     assert torch.allclose(item["image"][:, padded], torch.zeros(1), atol=1e-5)  # padded with the mean
     again = VocSegmentation(small_demo, "train_aug", augment=augment, seed=1)[0]
     assert torch.equal(item["image"], again["image"])  # deterministic per (seed, epoch, index)

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from affseg.cli import main
+from affseg.data.demo import IMAGE_SIZE
 from affseg.data.voc import load_cls_labels, read_mask
 
 
@@ -63,6 +64,6 @@ def test_sbd_conversion_and_train_aug_rule(voc_tree, tmp_path):
     train_aug = split_dir.joinpath("train_aug.txt").read_text().split()
     assert sorted(train_aug) == sorted(train[:20])  # (SBD train ∪ SBD val ∪ VOC train) − VOC val
     converted = read_mask(voc_tree / "SegmentationClassAug" / f"{train[12]}.png")
-    assert converted.shape == (224, 224) and converted.max() > 0
+    assert converted.shape == (IMAGE_SIZE, IMAGE_SIZE) and converted.max() > 0
     kept = read_mask(voc_tree / "SegmentationClassAug" / f"{val[0]}.png")
     assert not (kept == 7).all()  # VOC's own mask won

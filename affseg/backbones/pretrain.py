@@ -28,14 +28,7 @@ from affseg.data.transforms import TrainAugment
 from affseg.data.voc import VocLayout, load_cls_labels, read_ids, read_image, read_mask
 from affseg.prompts import BACKGROUND_WORDS, PROMPT_NAMES
 
-PRETRAIN_TEMPLATES = (
-    "a clean origami {}.",
-    "a photo of a {}.",
-    "a picture of the {}.",
-    "a {} in the scene.",
-    "an image showing a {}.",
-    "{}.",
-)
+PRETRAIN_TEMPLATES = ("a clean origami {}.", "a photo of a {}.")  # the first is the CAM prompt
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -48,15 +41,16 @@ class PretrainConfig:
     encoder: str = "unicl_swin_tiny"
     out: str = "affseg/assets/unicl_swin_tiny_demo.pth"
     steps: int = 3000
+    stop_after: int = 0  # 0 = all steps; k = stop (and save) after step k of the `steps` schedule
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 150
-    image_size: int = 192
+    warmup_steps: int = 100
+    image_size: int = 96
     scale_min: float = 0.6
-    scale_max: float = 1.2
+    scale_max: float = 1.0
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 150
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -168,7 +162,8 @@ def pretrain(config: PretrainConfig, log=print) -> dict:
     losses: list[float] = []
     history = []
     start = time.time()
-    for step in range(config.steps):
+    last_step = config.stop_after or config.steps
+    for step in range(last_step):
         for group in optimiser.param_groups:
             group["lr"] = _lr_at(step, config)
         index = rng.choice(len(train.images), size=config.batch_size, replace=False)
@@ -186,20 +181,31 @@ def pretrain(config: PretrainConfig, log=print) -> dict:
         with torch.no_grad():
             encoder.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         losses.append(loss.item())
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.eval_every == 0 or step + 1 == last_step:
             scores = evaluate_zero_shot(encoder, val)
             record = {"step": step + 1, "loss": float(np.mean(losses[-config.eval_every :])),
                       "minutes": (time.time() - start) / 60, **scores}
             history.append(record)
             log(json.dumps(record))
-    demo = read_demo_version(root)
+            summary = _save(encoder, config, history, losses, step + 1)
+    return summary
+
+
+def _save(encoder, config: PretrainConfig, history: list[dict], losses: list[float], steps_done: int) -> dict:
+    """Write the checkpoint (published layout, fp16) and its JSON record; returns the record.
+
+    Saved at every evaluation, so an interrupted run leaves a usable checkpoint whose record says
+    how to rebuild it exactly (`--stop-after steps_done`)."""
+    demo = read_demo_version(Path(config.root))
+    rebuild = {**asdict(config), "stop_after": steps_done if steps_done < config.steps else 0}
     summary = {
-        "config": asdict(config),
+        "config": rebuild,
+        "steps_done": steps_done,
         "demo_version": demo.get("version", DEMO_VERSION),
         "demo_seed": demo.get("seed"),
         "first_loss": float(np.mean(losses[: config.eval_every])),
         "history": history,
-        "command": "affseg pretrain " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(config).items()),
+        "command": "affseg pretrain " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in rebuild.items()),
     }
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     save_unicl(encoder, config.out, extra={"pretrain": summary}, half=True)
