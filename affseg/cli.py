@@ -44,9 +44,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.model:
         from affseg.sweep.promote import evaluate_registered
 
-        return evaluate_registered(args.model, split=args.split, crf=args.crf, export=args.export, limit=args.limit)
+        return evaluate_registered(args.model, split=args.split, crf=args.crf or None, export=args.export,
+                                   limit=args.limit)
     trained = load_trained(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint)
-    scores = evaluate(trained, args.split, args.crf, args.export, args.limit)
+    scores = evaluate(trained, args.split, args.crf or None, args.export, args.limit)
     if scores is not None:
         print(scores.per_class.assign(iou=lambda d: (100 * d.iou).round(1)).to_string(index=False))
         print(f"mIoU {100 * scores.miou:.1f}  pAcc {100 * scores.pixel_acc:.1f}  mAcc {100 * scores.mean_acc:.1f}")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a registered model URI, e.g. models:/affseg@champion")
     ev.add_argument("--encoder-checkpoint", default=None, help="override the encoder weights path")
     ev.add_argument("--split", default="val", choices=["val", "test", "train_aug"])
-    ev.add_argument("--crf", action="store_true", help="dense CRF post-processing")
+    ev.add_argument("--crf", action="store_true", help="dense CRF post-processing (default: eval.crf)")
     ev.add_argument("--export", default=None, help="write VOC palette PNGs here")
     ev.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
 

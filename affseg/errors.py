@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from affseg.backbones.checkpoint import CheckpointError
+from affseg.backbones.demo_weights import MissingWeightsError
 from affseg.config import ConfigError
 from affseg.data.voc import DatasetError
+from affseg.train import TrainingError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DatasetError,
+    TrainingError,  # missing / unreadable / foreign training checkpoint, resume mismatch
+    CheckpointError,  # encoder weights file unreadable or not fitting the encoder
+    MissingWeightsError,  # no encoder weights file given and no default exists
+    FileNotFoundError,
+)

@@ -39,7 +39,11 @@ def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoin
     if encoder_checkpoint is not None:
         config.model.checkpoint = encoder_checkpoint
     torch_device = select_device(device)
-    model = build_model(config, torch_device)
+    # `model.checkpoint=random` (tests, benchmarks): draw the encoder training drew, which the
+    # Trainer builds right after torch.manual_seed(train.seed); the caller's RNG stays untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        model = build_model(config, torch_device)
     model.decoder.load_state_dict(state["decoder"])
     model.eval()
     return TrainedModel(model, config, torch_device)
@@ -97,9 +101,11 @@ def save_palette_png(mask: np.ndarray, path: Path) -> None:
     png.save(path)
 
 
-def evaluate(trained: TrainedModel, split: str = "val", crf: bool = False, export: str | Path | None = None,
+def evaluate(trained: TrainedModel, split: str = "val", crf: bool | None = None, export: str | Path | None = None,
              limit: int = 0) -> SegmentationScores | None:
-    """Score `split` (None for the unlabelled test split); export palette PNGs to `export` if given."""
+    """Score `split` (None for the unlabelled test split); export palette PNGs to `export` if given.
+
+    `crf=None` follows `eval.crf` of the checkpoint's config."""
     config = trained.config
     dataset = VocSegmentation(config.data.root, split, None, config.data.cls_labels, limit=limit)
     export_dir = Path(export) if export else None

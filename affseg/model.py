@@ -16,6 +16,7 @@ from affseg.backbones.registry import build_encoder
 from affseg.cam import compute_cams
 from affseg.config import Config, ModelConfig
 from affseg.data.classes import VOC_CLASSES
+from affseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from affseg.decoder import SegDecoder
 from affseg.losses import affinity_loss, segmentation_loss, total_loss
 from affseg.prompts import BACKGROUND_WORDS, ZeroShotClassifier
@@ -39,6 +40,15 @@ class ModelOutput:
     cams: Tensor
     refined: Tensor
     pseudo: Tensor
+
+
+def renormalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each (1, 3, 1, 1), mapping ImageNet-normalised pixels to (x − mean) / std."""
+    in_mean, in_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    out_mean, out_std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    scale = in_std / out_std
+    shift = (in_mean - out_mean) / out_std
+    return scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1)
 
 
 def select_blocks(grid_blocks: list[int], chosen: list[int], key: str) -> list[int]:
@@ -71,6 +81,10 @@ class UniClAffSeg(nn.Module):
             list(BACKGROUND_WORDS) if model_cfg.background_prompts else [],
             [model_cfg.prompt_template],
         )
+        # Data arrive ImageNet-normalised; an encoder trained with other statistics (CLIP) gets its own.
+        scale, shift = renormalisation(encoder.image_mean, encoder.image_std)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
         dims = encoder.block_dims()
         self.decoder = SegDecoder([dims[i] for i in self.decoder_blocks], model_cfg)
 
@@ -79,6 +93,10 @@ class UniClAffSeg(nn.Module):
         self.encoder.eval()  # frozen: never dropout / stochastic depth
         return self
 
+    def encoder_input(self, images: Tensor) -> Tensor:
+        """ImageNet-normalised (B, 3, H, W) → normalised with the encoder's own statistics."""
+        return images * self.input_scale + self.input_shift
+
     def refinement_active(self, iteration: int) -> bool:
         """Whether A_f joins the refinement at this iteration (SPEC §2.4 step 7)."""
         return iteration >= self.config.refine.refine_start * self.config.train.iterations
@@ -86,7 +104,8 @@ class UniClAffSeg(nn.Module):
     def forward(self, images: Tensor, labels: Tensor, iteration: int) -> ModelOutput:
         """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; iteration = optimiser steps done."""
         cams, features = compute_cams(
-            self.encoder, self.classifier, images, labels, self.cam_block, self.config.model.cam_method
+            self.encoder, self.classifier, self.encoder_input(images), labels, self.cam_block,
+            self.config.model.cam_method,
         )
         logits, fused = self.decoder([features.blocks[i] for i in self.decoder_blocks], images.shape[-2:])
         aff_dec = decoder_affinity(fused)
@@ -96,17 +115,23 @@ class UniClAffSeg(nn.Module):
 
     @torch.no_grad()
     def pseudo_labels(self, images, labels, cams, features, aff_dec, iteration) -> tuple[Tensor, Tensor]:
-        """Refined maps (B, 20, h, w) and pseudo-labels (B, H, W) from CAMs and affinities."""
-        aff_enc = encoder_affinities([features.blocks[i].float() for i in self.affinity_blocks])
-        decoder_aff = aff_dec.detach().float() if self.refinement_active(iteration) else None
-        refined = refine_cams(cams.float(), aff_enc, decoder_aff, self.config.refine)
-        par_on = self.config.refine.par.enabled
-        return refined, pseudo_labels(refined, labels, images.float(), self.config.refine, use_par=par_on)
+        """Refined maps (B, 20, h, w) and pseudo-labels (B, H, W) from CAMs and affinities.
+
+        Always float32: autocast is switched off here, since under it the affinity products and the
+        random walk would run in bf16/fp16 whatever the dtype of their inputs.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            aff_enc = encoder_affinities([features.blocks[i].float() for i in self.affinity_blocks])
+            decoder_aff = aff_dec.detach().float() if self.refinement_active(iteration) else None
+            refined = refine_cams(cams.float(), aff_enc, decoder_aff, self.config.refine)
+            par_on = self.config.refine.par.enabled
+            return refined, pseudo_labels(refined, labels, images.float(), self.config.refine, use_par=par_on)
 
     def pseudo_label_variants(self, images: Tensor, labels: Tensor, iteration: int) -> dict[str, Tensor]:
         """Pseudo-labels (B, H, W) three ways: `cam` (raw CAMs), `cam_par` (PAR only), `refined`."""
         cams, features = compute_cams(
-            self.encoder, self.classifier, images, labels, self.cam_block, self.config.model.cam_method
+            self.encoder, self.classifier, self.encoder_input(images), labels, self.cam_block,
+            self.config.model.cam_method,
         )
         with torch.no_grad():
             _, fused = self.decoder([features.blocks[i] for i in self.decoder_blocks], images.shape[-2:])
@@ -129,7 +154,7 @@ class UniClAffSeg(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
         """Decoder logits (B, 21, H, W) for normalised images (B, 3, H, W); no CAMs needed."""
-        features = self.encoder.encode_image(images)
+        features = self.encoder.encode_image(self.encoder_input(images))
         logits, _ = self.decoder([features.blocks[i] for i in self.decoder_blocks], images.shape[-2:])
         return logits
 

@@ -11,7 +11,7 @@ import torch
 
 from affseg.data.demo import DemoSpec, make_demo
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 SMALL_DEMO = DemoSpec(seed=3, train=24, val=8, test=4)
 
