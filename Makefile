@@ -14,6 +14,7 @@ MODEL ?= models:/affseg@champion
 SPLIT ?= val
 CRF ?= 0
 EXPORT ?=
+ARGS ?=                  # extra key=value overrides for train / sweep, e.g. ARGS="trials=16"
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 OPTUNA_PORT ?= 8080
@@ -38,10 +39,10 @@ demo: setup
 	$(AFFSEG) make-demo --out data/demo
 
 train: setup
-	$(AFFSEG) train
+	$(AFFSEG) train $(ARGS)
 
 sweep: setup
-	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,)
+	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,) $(ARGS)
 
 promote: setup
 	$(AFFSEG) promote $(if $(strip $(SWEEP)),--sweep $(strip $(SWEEP)),)

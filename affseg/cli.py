@@ -67,7 +67,25 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from affseg.sweep.tuner import run_sweep
+
+    summary = run_sweep(args.space, args.profile, resume=args.resume, overrides=args.overrides, name=args.name)
+    print("\n".join(summary.lines()))
+    return 0 if summary.best is not None else 1
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from affseg.sweep.promote import promote
+
+    uri = promote(args.sweep)
+    print(f"registered {uri}; alias champion -> it. Evaluate with: make evaluate MODEL=models:/affseg@champion")
+    return 0
+
+
 COMMANDS = {
+    "sweep": _sweep,
+    "promote": _promote,
     "make-demo": _make_demo,
     "prepare-voc": _prepare_voc,
     "train": _train,
@@ -102,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--crf", action="store_true", help="dense CRF post-processing (default: eval.crf)")
     ev.add_argument("--export", default=None, help="write VOC palette PNGs here")
     ev.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
+
+    sw = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over sweeps/<space>.yaml, tracked in MLflow")
+    sw.add_argument("--space", default="refine", help="refine | loss | lr | full, or a path to a space YAML")
+    sw.add_argument("--profile", default="demo", help="data profile: demo | voc (sweeps/profiles/)")
+    sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space/profile")
+    sw.add_argument("--name", default=None, help="sweep name (default: derived from space and profile)")
+    sw.add_argument("overrides", nargs="*", help="config keys (train.iterations=60) or sweep settings (trials=4)")
+
+    pr = sub.add_parser("promote", help="register the best trial's checkpoint as model affseg, alias champion")
+    pr.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep)")
 
     from dataclasses import fields
 
