@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from affseg.evaluate import evaluate, load_trained
+    from affseg.evaluate import evaluate, format_scores, load_trained
 
     if args.model:
         from affseg.sweep.promote import evaluate_registered
@@ -49,8 +49,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint)
     scores = evaluate(trained, args.split, args.crf or None, args.export, args.limit)
     if scores is not None:
-        print(scores.per_class.assign(iou=lambda d: (100 * d.iou).round(1)).to_string(index=False))
-        print(f"mIoU {100 * scores.miou:.1f}  pAcc {100 * scores.pixel_acc:.1f}  mAcc {100 * scores.mean_acc:.1f}")
+        print(format_scores(scores))
     if args.export:
         print(f"palette PNGs written to {args.export}")
     return 0
@@ -71,7 +70,6 @@ def _sweep(args: argparse.Namespace) -> int:
     from affseg.sweep.tuner import run_sweep
 
     summary = run_sweep(args.space, args.profile, resume=args.resume, overrides=args.overrides, name=args.name)
-    print("\n".join(summary.lines()))
     return 0 if summary.best is not None else 1
 
 

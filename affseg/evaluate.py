@@ -95,6 +95,13 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", encoder_checkpo
     return lambda image: predict_mask(trained, image)
 
 
+def format_scores(scores: SegmentationScores) -> str:
+    """The per-class IoU table (%) and the summary line, as printed by `affseg evaluate`."""
+    table = scores.per_class.assign(iou=lambda d: (100 * d.iou).round(1)).to_string(index=False)
+    summary = f"mIoU {100 * scores.miou:.1f}  pAcc {100 * scores.pixel_acc:.1f}  mAcc {100 * scores.mean_acc:.1f}"
+    return f"{table}\n{summary}"
+
+
 def save_palette_png(mask: np.ndarray, path: Path) -> None:
     png = Image.fromarray(mask.astype(np.uint8), mode="P")
     png.putpalette(voc_palette())

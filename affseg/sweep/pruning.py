@@ -1,0 +1,200 @@
+"""The Optuna ↔ Ray Tune bridge, with pruning (Ray's stock OptunaSearch drops it).
+
+Who does what:
+- Driver (`OptunaBridge`, a Ray Tune `Searcher`): `study.ask()` + define-by-run sampling of the space
+  (conditional parameters only when active) in `suggest`; the single place that `tell`s a trial:
+  COMPLETE with its objective, PRUNED when its last result says so, FAIL when it raised.
+- Trial (`TrialLink`, in the trainable's process): after each validation `trial.report(value, step=iteration)`
+  then `trial.should_prune()` against the same storage; the verdict goes back into training as
+  `Callback.should_stop()` and into the reported result as `pruned`, so Ray ends the trial normally and
+  the driver tells PRUNED — never FAIL or COMPLETE.
+
+The study lives in `TrackingConfig.optuna_storage` (SQLite beside MLflow by default, any RDB URL, or
+`journal:<file>` for a journal file on shared storage) and is opened with load_if_exists, so a resumed
+sweep continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray.tune.search import Searcher
+
+from affseg.sweep.space import PrunerSpec, SweepSpec
+from affseg.sweep.tracking import absolute_uri
+
+# Tested against ray[tune]==2.60.0 (pinned in pyproject.toml): the Searcher hooks, Tuner.restore and
+# ray.tune.report/get_checkpoint used here changed between minor releases before.
+TESTED_RAY = (2, 60)
+if tuple(int(part) for part in ray.__version__.split(".")[:2]) != TESTED_RAY:
+    raise ImportError(
+        f"affseg.sweep needs ray {TESTED_RAY[0]}.{TESTED_RAY[1]}.x (found {ray.__version__}); "
+        "reinstall with `make setup` or update affseg/sweep/pruning.py after re-testing"
+    )
+
+log = logging.getLogger(__name__)
+
+PRUNED_KEY = "pruned"  # in every reported result: 1.0 when the pruner ended the trial at this validation
+OBJECTIVE_KEY = "objective"  # in every reported result: best value of the sweep metric so far
+JOURNAL_PREFIX = "journal:"  # optuna_storage=journal:/shared/optuna.log → a journal file, not an RDB
+SQLITE_LOCK_TIMEOUT_S = 60  # trials and driver share one SQLite file; wait for its lock this long
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def _journal_path(url: str) -> Path:
+    path = url[len(JOURNAL_PREFIX):]
+    return Path(path[2:] if path.startswith("//") else path)
+
+
+def absolute_storage(url: str) -> str:
+    """Relative SQLite or journal paths → absolute (trials run in other working directories)."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = _journal_path(url).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"{JOURNAL_PREFIX}{path}"
+    return absolute_uri(url)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) or `journal:<path>` → Optuna storage."""
+    if url.startswith(JOURNAL_PREFIX):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(_journal_path(url))))
+    engine = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+
+
+def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    if spec.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource, reduction_factor=spec.reduction_factor)
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """Everything a process needs to open the sweep's study (picklable, sent to every trial)."""
+
+    storage: str
+    name: str
+    pruner: PrunerSpec
+
+
+def create_study(spec: SweepSpec, ref: StudyRef) -> optuna.Study:
+    """Create the sweep's study, or load it when it exists (resume). A resumed study's sampler is seeded
+    past the trials it already has, so it does not replay the first driver's random draws."""
+    study = optuna.create_study(
+        storage=open_storage(ref.storage), study_name=ref.name, direction=DIRECTIONS[spec.mode],
+        sampler=build_sampler(spec.seed), pruner=build_pruner(spec.pruner), load_if_exists=True,
+    )
+    done = len(study.get_trials(deepcopy=False))
+    if done:
+        study.sampler = build_sampler(spec.seed + done)
+    return study
+
+
+def build_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Seeded TPE; with trials running in parallel, their pending points count as bad ones (constant
+    liar), so parallel asks do not all land on the same spot. Sequential sweeps are unaffected."""
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+class TrialLink:
+    """The trial side: report intermediate values of Optuna trial `number` and ask the pruner."""
+
+    def __init__(self, ref: StudyRef, number: int):
+        self.storage = open_storage(ref.storage)
+        # The sampler is never asked here; a random one skips building TPE state.
+        self.study = optuna.load_study(study_name=ref.name, storage=self.storage, pruner=build_pruner(ref.pruner),
+                                       sampler=optuna.samplers.RandomSampler())
+        study_id = self.storage.get_study_id_from_name(ref.name)
+        self.trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        self.number = number
+
+    def finished(self) -> bool:
+        """True when the driver already told this trial's outcome (a restored sweep re-queued it)."""
+        return self.storage.get_trial(self.trial_id).state in FINISHED
+
+    def should_prune(self, step: int, value: float) -> bool:
+        """Report `value` at training iteration `step`; the pruner's verdict."""
+        trial = optuna.trial.Trial(self.study, self.trial_id)
+        trial.report(value, step=step)
+        return trial.should_prune()
+
+
+class OptunaBridge(Searcher):
+    """Ray Tune searcher: asks Optuna for each trial's parameters and tells it every outcome.
+
+    A suggested config is `{"params": {dotted key: value}, "optuna_trial": number}`. The study is opened
+    lazily (the searcher is pickled into Ray's experiment state); `save`/`restore` keep the Ray trial id →
+    Optuna number map, so a restored sweep tells the right trials. Optuna trials left RUNNING by a killed
+    driver that Ray never recorded are told FAIL when the study is next opened.
+    """
+
+    def __init__(self, spec: SweepSpec, ref: StudyRef):
+        super().__init__(metric=OBJECTIVE_KEY, mode=spec.mode)
+        self.spec, self.ref = spec, ref
+        self.numbers: dict[str, int] = {}  # Ray trial id → Optuna trial number
+        self._study: optuna.Study | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_study"] = None
+        return state
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = create_study(self.spec, self.ref)
+            self._fail_orphans()
+        return self._study
+
+    def _fail_orphans(self) -> None:
+        known = set(self.numbers.values())
+        for trial in self._study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in known:
+                log.warning("optuna trial %d was started by a driver that died before Ray recorded it: FAIL",
+                            trial.number)
+                self._study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        return True  # the space comes from the SweepSpec; Tune's param_space carries no distributions
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask()
+        params = self.spec.sample(trial)
+        self.numbers[trial_id] = trial.number
+        return {"params": params, "optuna_trial": trial.number}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self.numbers.get(trial_id)
+        if number is None:
+            return
+        states = optuna.trial.TrialState
+        if error:
+            self.study.tell(number, state=states.FAIL, skip_if_finished=True)
+        elif result and result.get(PRUNED_KEY):
+            self.study.tell(number, state=states.PRUNED, skip_if_finished=True)
+        elif result and result.get(OBJECTIVE_KEY) is not None:
+            self.study.tell(number, float(result[OBJECTIVE_KEY]), skip_if_finished=True)
+        else:  # ended without a single validation
+            self.study.tell(number, state=states.FAIL, skip_if_finished=True)
+
+    def get_state(self) -> dict:
+        return {"numbers": dict(self.numbers)}
+
+    def set_state(self, state: dict) -> None:
+        self.numbers = dict(state["numbers"])
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.get_state(), file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.set_state(pickle.load(file))
