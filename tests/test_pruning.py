@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from sweep_helpers import run_isolated_sweep
 from PIL import Image
 
 from affseg.callbacks import TrainResult, ValidationResult
@@ -219,22 +220,10 @@ def test_untested_ray_version_is_refused_with_one_line():
 @pytest.fixture(scope="module")
 def synthetic_sweep(tmp_path_factory):
     """Five sequential trials of `synthetic_train` through `run_sweep`, in a scratch working directory."""
-    import ray
-
-    from affseg.sweep.tuner import run_sweep
-
     work = tmp_path_factory.mktemp("sweep")
     (work / "synthetic.yaml").write_text(SYNTHETIC_SPACE)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            summary = run_sweep(str(work / "synthetic.yaml"), "demo", overrides=SYNTHETIC_OVERRIDES,
-                                train_fn=synthetic_train)
-        finally:
-            ray.shutdown()
+    summary = run_isolated_sweep(work, str(work / "synthetic.yaml"), "demo", overrides=SYNTHETIC_OVERRIDES,
+                                 train_fn=synthetic_train)
     return summary, work
 
 

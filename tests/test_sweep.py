@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from sweep_helpers import run_isolated_sweep
 
 from affseg.config import TrackingConfig
 
@@ -29,23 +30,11 @@ REAL_OVERRIDES = ["train.iterations=8", "train.val_interval=4", "train.log_inter
 def real_sweep(small_demo, tmp_path_factory):
     """`run_sweep('refine', 'demo')` with the real `affseg.train.train`; the encoder weights are a copy
     (promotion references or bundles that file, and one test edits it)."""
-    import ray
-
-    from affseg.sweep.tuner import run_sweep
-
     work = tmp_path_factory.mktemp("real")
     encoder = work / "encoder.pth"
     shutil.copy(DEMO_ENCODER, encoder)
     overrides = [f"data.root={small_demo}", f"model.checkpoint={encoder}", *REAL_OVERRIDES]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            summary = run_sweep("refine", "demo", overrides=overrides)
-        finally:
-            ray.shutdown()
+    summary = run_isolated_sweep(work, "refine", "demo", overrides=overrides)
     return summary, work, encoder
 
 
