@@ -61,7 +61,7 @@ def test_full_is_union_with_conditions_and_its_own_pruner():
 
 def test_profile_narrows_schedule_dependent_ranges(monkeypatch):
     demo = {p.key: p for p in load_space("lr", "demo").parameters}
-    assert (demo["optim.warmup_iters"].low, demo["optim.warmup_iters"].high) == (0, 40)
+    assert (demo["optim.warmup_iters"].low, demo["optim.warmup_iters"].high) == (0, 24)
     monkeypatch.setenv("VOC_ROOT", "/data/VOCdevkit/VOC2012")
     monkeypatch.setenv("UNICL", "/weights/unicl.pth")
     voc = load_space("lr", "voc")

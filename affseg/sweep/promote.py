@@ -124,15 +124,16 @@ def _parent(client: MlflowClient, experiment_id: str, sweep: str | None):
 
 
 def best_trial_run(client: MlflowClient, experiment_id: str, sweep: str | None = None):
-    """The sweep's (default: latest sweep's) child run with the highest best val mIoU and a checkpoint
-    (ties: the earlier trial, as in the sweep summary)."""
+    """The sweep's (default: latest sweep's) completed child run with the highest best val mIoU and a
+    checkpoint; ties go to the lower trial number, exactly as the sweep summary picks its best trial."""
     parent = _parent(client, experiment_id, sweep)
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  order_by=[f"metrics.`{BEST_MIOU}` DESC", "attributes.start_time ASC"])
-    for run in children:
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    completed = [run for run in children
+                 if run.data.tags.get(STATE_TAG) == "completed" and BEST_MIOU in run.data.metrics]
+    completed.sort(key=lambda run: (-run.data.metrics[BEST_MIOU], int(run.data.tags[TRIAL_TAG])))
+    for run in completed:
         files = client.list_artifacts(run.info.run_id, CHECKPOINT_DIR)
-        has_checkpoint = any(a.path.endswith(BEST_CHECKPOINT) for a in files)
-        if run.data.tags.get(STATE_TAG) != "failed" and BEST_MIOU in run.data.metrics and has_checkpoint:
+        if any(a.path.endswith(BEST_CHECKPOINT) for a in files):
             return run
     raise PromotionError(f"sweep {parent.data.tags[SWEEP_TAG]!r} has no finished trial with a best checkpoint")
 
