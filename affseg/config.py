@@ -127,7 +127,6 @@ class TrainConfig:
     accumulation: int = 2
     val_interval: int = 2_000
     log_interval: int = 20
-    checkpoint_interval: int = 0  # 0 = at every validation
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto = bf16 on CUDA if supported, else fp16; off on CPU
