@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 # On 2 shared cores OpenMP busy-waiting slows torch 10-20x; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

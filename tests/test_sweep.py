@@ -165,7 +165,7 @@ def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, monke
     from mlflow.tracking import MlflowClient
     from ray.tune import ExperimentAnalysis
 
-    from test_pruning import SLEEP_ENV, SYNTHETIC_OVERRIDES, SYNTHETIC_SPACE, synthetic_train
+    from test_pruning import SLEEP_ENV, SYNTHETIC_SPACE, synthetic_train
 
     from affseg.sweep.tuner import run_sweep
 
