@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A bad configuration value, key or file; the message is one line."""
 
 
+CROP_MULTIPLE = 16  # the encoder's grid stride: a training crop is a whole number of grid cells
+
+
 @dataclass
 class DataConfig:
     """Dataset location and augmentation (SPEC §3)."""
@@ -130,7 +133,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto = bf16 on CUDA if supported, else fp16; off on CPU
-    max_nonfinite: int = 10  # skipped steps with NaN/inf loss before training stops
+    max_nonfinite: int = 10  # skipped steps (NaN/inf loss, or a rolled-back non-finite update) before training stops
     out_dir: str = "runs/train"
 
 
@@ -270,6 +273,12 @@ def _validate(config: Any, prefix: str) -> None:
             fail("alpha", f"{config.alpha} must be an integer >= 1")
         if config.n0 < 1:
             fail("n0", f"{config.n0} must be >= 1")
+        if config.warmup_blocks < 1:
+            fail("warmup_blocks", f"{config.warmup_blocks} must be >= 1")
+        if config.sinkhorn_iters < 1:
+            fail("sinkhorn_iters", f"{config.sinkhorn_iters} must be >= 1")
+        if config.bg_power <= 0:
+            fail("bg_power", f"{config.bg_power} must be > 0")
         if not 0.0 < config.box_threshold < 1.0:
             fail("box_threshold", f"{config.box_threshold} must lie in (0, 1)")
         if not 0.0 <= config.refine_start <= 1.0:
@@ -277,6 +286,8 @@ def _validate(config: Any, prefix: str) -> None:
         if config.ignore_band and not config.low_threshold < config.high_threshold:
             fail("low_threshold", "must be below high_threshold when ignore_band is on")
     elif isinstance(config, ParConfig):
+        if config.iterations < 1:
+            fail("iterations", f"{config.iterations} must be >= 1 (turn PAR off with enabled=false)")
         if not 0.0 < config.scale <= 1.0:
             fail("scale", f"{config.scale} must lie in (0, 1]")
         if not config.dilations or min(config.dilations) < 1:
@@ -294,6 +305,8 @@ def _validate(config: Any, prefix: str) -> None:
     elif isinstance(config, DataConfig):
         if not 0 < config.scale_min <= config.scale_max:
             fail("scale_min", "must satisfy 0 < scale_min <= scale_max")
+        if config.crop_size < CROP_MULTIPLE or config.crop_size % CROP_MULTIPLE:
+            fail("crop_size", f"{config.crop_size} must be a positive multiple of {CROP_MULTIPLE}")
 
 
 def to_dict(config: Any) -> dict:

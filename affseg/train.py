@@ -6,7 +6,9 @@ Nothing here imports Ray or MLflow: observers are `affseg.callbacks.Callback`s.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from affseg.callbacks import Callback, TrainResult, ValidationResult
-from affseg.config import Config, OptimConfig, from_dict, save_config, to_dict
+from affseg.config import Config, ConfigError, OptimConfig, from_dict, save_config, to_dict
 from affseg.data.demo import DemoSpec, make_demo
 from affseg.data.sampling import DrawDataset, ResumableBatches
 from affseg.data.transforms import TrainAugment
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 CHECKPOINT_FORMAT = 1
+# Keys a resumed run must share with its checkpoint: they fix the lr schedule and the sample order.
+SCHEDULE_KEYS = ("iterations", "accumulation", "batch_size", "seed")
 
 
 class TrainingError(RuntimeError):
@@ -80,6 +84,41 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def nonfinite_entry(state: object, key: str = "") -> str | None:
+    """Dotted key of the first floating tensor or float in a (nested) state holding NaN/inf; None if all finite."""
+    if isinstance(state, torch.Tensor):
+        return key if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    if isinstance(state, float):
+        return None if math.isfinite(state) else key
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for name, value in items:
+        found = nonfinite_entry(value, f"{key}.{name}" if key else str(name))
+        if found is not None:
+            return found
+    return None
+
+
+def require_finite(state: dict, path: Path) -> None:
+    """One-line TrainingError instead of writing a checkpoint with a NaN/inf tensor."""
+    found = nonfinite_entry({k: state[k] for k in ("decoder", "optimiser", "scaler")})
+    if found is not None:
+        raise TrainingError(f"{path}: refusing to write a checkpoint with non-finite {found}; lower optim.lr")
+
+
+def check_block_counts(config: Config, affinity_blocks: int) -> None:
+    """`refine.n0` and `refine.warmup_blocks` count affinity blocks: at most as many as the encoder has."""
+    for name in ("n0", "warmup_blocks"):
+        value = getattr(config.refine, name)
+        if value > affinity_blocks:
+            raise ConfigError(f"refine.{name}: {value} must lie in [1, {affinity_blocks}] "
+                              f"(the affinity blocks of model.encoder={config.model.encoder})")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A training checkpoint as a dict; one-line TrainingError when unreadable or not ours."""
     path = Path(path)
@@ -107,6 +146,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         ensure_dataset(config)
         self.model: UniClAffSeg = build_model(config, self.device)
+        check_block_counts(config, len(self.model.affinity_blocks))
         params = [p for p in self.model.decoder.parameters() if p.requires_grad]
         optim = config.optim
         self.optimiser = torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2),
@@ -149,6 +189,11 @@ class Trainer:
                 f"resume: checkpoint was trained with model.encoder={saved.model.encoder}, "
                 f"not {self.config.model.encoder}"
             )
+        for name in SCHEDULE_KEYS:
+            old, new = getattr(saved.train, name), getattr(self.config.train, name)
+            if old != new:
+                raise TrainingError(f"resume: checkpoint was trained with train.{name}={old}, not {new}; "
+                                    "resume with the same value or start a new run")
         self.model.decoder.load_state_dict(state["decoder"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -178,12 +223,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _step(self, batches) -> dict[str, float] | None:
-        """One optimiser step over `accumulation` micro-batches; None when the loss was not finite."""
+        """One optimiser step over `accumulation` micro-batches; None when the loss was not finite
+        or the step made a weight, optimiser or scaler tensor non-finite (then the step is rolled back).
+
+        Always consumes exactly `accumulation` micro-batches, so batch t stays a function of (seed, t).
+        """
         self.model.train()
         self.optimiser.zero_grad(set_to_none=True)
         accumulation = self.config.train.accumulation
         totals: dict[str, float] = {}
-        for _ in range(accumulation):
+        for index in range(accumulation):
             batch = next(batches)
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
@@ -192,6 +241,8 @@ class Trainer:
                 losses = self.model.losses(output)
             if not torch.isfinite(losses["loss"]):
                 self.optimiser.zero_grad(set_to_none=True)
+                for _ in range(accumulation - index - 1):
+                    next(batches)
                 return None
             self.scaler.scale(losses["loss"] / accumulation).backward()
             for key, value in losses.items():
@@ -199,9 +250,34 @@ class Trainer:
         if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimiser)
             torch.nn.utils.clip_grad_norm_(self.model.decoder.parameters(), self.config.optim.grad_clip)
+        snapshot = self._snapshot()
         self.scaler.step(self.optimiser)
         self.scaler.update()
+        if not self._state_finite():
+            self._rollback(snapshot)
+            return None
         return totals
+
+    def _state_finite(self) -> bool:
+        """Decoder weights, optimiser state and scaler all finite (one device sync)."""
+        tensors = [*self.model.decoder.state_dict().values()]
+        tensors += [v for state in self.optimiser.state.values() for v in state.values()]
+        flags = [torch.isfinite(t).all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return bool(torch.stack(flags).all()) and nonfinite_entry(self.scaler.state_dict()) is None
+
+    def _snapshot(self) -> dict:
+        """Copies of decoder weights, optimiser and scaler state (the decoder is small next to the encoder pass)."""
+        return {
+            "decoder": {k: v.detach().clone() for k, v in self.model.decoder.state_dict().items()},
+            "optimiser": copy.deepcopy(self.optimiser.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()),
+        }
+
+    def _rollback(self, snapshot: dict) -> None:
+        self.model.decoder.load_state_dict(snapshot["decoder"])
+        self.optimiser.load_state_dict(snapshot["optimiser"])
+        self.scaler.load_state_dict(snapshot["scaler"])
+        self.optimiser.zero_grad(set_to_none=True)
 
     def _validate(self) -> bool:
         """Validate, checkpoint, notify; returns True when a callback asks to stop."""
@@ -212,6 +288,7 @@ class Trainer:
             self.best = result
         self.history.append(result)
         state = self.state()
+        require_finite(state, self.out_dir / LAST_CHECKPOINT)
         save_checkpoint(self.out_dir / LAST_CHECKPOINT, state)
         if is_best:
             save_checkpoint(self.out_dir / BEST_CHECKPOINT, state)
@@ -231,10 +308,11 @@ class Trainer:
             values = self._step(batches)
             if values is None:
                 self.nonfinite += 1
-                log.warning("iteration %d: non-finite loss, step skipped (%d so far)", self.iteration, self.nonfinite)
+                log.warning("iteration %d: non-finite loss or update, step skipped (%d so far)",
+                            self.iteration, self.nonfinite)
                 if self.nonfinite > cfg.max_nonfinite:
                     raise TrainingError(
-                        f"{self.nonfinite} non-finite losses (train.max_nonfinite={cfg.max_nonfinite}); "
+                        f"{self.nonfinite} non-finite losses or updates (train.max_nonfinite={cfg.max_nonfinite}); "
                         "lower optim.lr or check the data"
                     )
             self.scheduler.step()

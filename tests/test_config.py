@@ -10,6 +10,7 @@ def test_defaults_are_spec_numbers():
     assert config.loss.lam == 0.1 and config.optim.lr == 5e-5 and config.optim.warmup_iters == 500
     assert config.train.batch_size == 4 and config.train.accumulation == 2 and config.train.iterations == 30_000
     assert config.refine.refine_start == pytest.approx(1 / 3)
+    assert config.refine.sinkhorn_iters == 3 and config.loss.aff_radius == 8 and config.optim.poly_power == 1.0
 
 
 def test_yaml_round_trip_and_overrides(tmp_path):
@@ -38,6 +39,13 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ("nosection.x=1", "unknown key nosection; allowed: data, model"),
         ("refine.par.dilations=[0]", "refine.par.dilations"),
         ("model.decoder_blocks=3", "model.decoder_blocks: expected a list of int, got 3"),
+        ("refine.n0=0", "refine.n0: 0 must be >= 1"),
+        ("refine.warmup_blocks=0", "refine.warmup_blocks: 0 must be >= 1"),
+        ("refine.sinkhorn_iters=0", "refine.sinkhorn_iters: 0 must be >= 1"),
+        ("refine.bg_power=0", "refine.bg_power: 0.0 must be > 0"),
+        ("refine.par.iterations=0", "refine.par.iterations: 0 must be >= 1 (turn PAR off with enabled=false)"),
+        ("data.crop_size=100", "data.crop_size: 100 must be a positive multiple of 16"),
+        ("data.crop_size=0", "data.crop_size: 0 must be a positive multiple of 16"),
     ],
 )
 def test_errors_name_the_key(override, message):

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from affseg.callbacks import Callback
-from affseg.config import OptimConfig, load_config
+from affseg.config import ConfigError, OptimConfig, load_config
+from affseg.data.sampling import DrawDataset
 from affseg.model import UniClAffSeg
-from affseg.train import LAST_CHECKPOINT, TrainingError, load_checkpoint, lr_factor, train
+from affseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingError, load_checkpoint, lr_factor,
+                          nonfinite_entry, require_finite, train)
 
 
 def tiny_config(root, out, *extra):
@@ -76,7 +78,7 @@ def test_nonfinite_loss_is_skipped_and_counted(small_demo, tmp_path, monkeypatch
     assert 1 not in record.losses and 2 in record.losses  # the skipped step logged nothing
 
     calls["n"] = 0
-    with pytest.raises(TrainingError, match=r"1 non-finite losses \(train.max_nonfinite=0\)"):
+    with pytest.raises(TrainingError, match=r"1 non-finite losses or updates \(train.max_nonfinite=0\)"):
         train(tiny_config(small_demo, tmp_path / "m", "train.max_nonfinite=0"), [])
 
 
@@ -97,3 +99,128 @@ def test_wrong_checkpoint_is_one_line(tmp_path, small_demo):
     torch.save({"format": 99}, tmp_path / "other.pt")
     with pytest.raises(TrainingError, match="not an affseg training checkpoint"):
         train(tiny_config(small_demo, tmp_path / "y"), [], resume_from=tmp_path / "other.pt")
+
+
+def finite_checkpoint(path):
+    """True when every floating tensor of a checkpoint's decoder, optimiser and scaler is finite."""
+    state = load_checkpoint(path)
+    return nonfinite_entry({k: state[k] for k in ("decoder", "optimiser", "scaler")}) is None
+
+
+def test_diverged_run_stops_and_never_checkpoints_nan(small_demo, tmp_path):
+    """optim.lr=1e6: on the tiny model the loss itself turns non-finite (counted, skipped); the
+    finite-loss / NaN-update path is `test_nonfinite_update_is_rolled_back_and_counted`."""
+    out = tmp_path / "d"
+    result = train(tiny_config(small_demo, out, "optim.lr=1e6", "train.max_nonfinite=100"), [])
+    state = load_checkpoint(out / LAST_CHECKPOINT)
+    assert result.iterations_done == 4 and state["nonfinite"] >= 1
+    assert finite_checkpoint(out / LAST_CHECKPOINT) and finite_checkpoint(out / BEST_CHECKPOINT)
+    with pytest.raises(TrainingError, match=r"non-finite losses or updates \(train.max_nonfinite=0\)"):
+        train(tiny_config(small_demo, tmp_path / "e", "optim.lr=1e6", "train.max_nonfinite=0"), [])
+
+
+def test_nonfinite_update_is_rolled_back_and_counted(small_demo, tmp_path, monkeypatch):
+    """A finite loss whose gradient is NaN (the diverged-run case) must not reach the weights."""
+    original = UniClAffSeg.losses
+    calls = {"n": 0}
+
+    def nan_gradient(self, output):
+        losses = original(self, output)
+        calls["n"] += 1
+        if calls["n"] == 3:  # iteration 2, micro-batch 1: value + 0, gradient 0 · ∞ = NaN
+            losses["loss"] = losses["loss"] + 0.0 * torch.sqrt(output.logits.sum() * 0.0)
+        return losses
+
+    monkeypatch.setattr(UniClAffSeg, "losses", nan_gradient)
+    record, out = Record(), tmp_path / "r"
+    train(tiny_config(small_demo, out), [record])
+    state = load_checkpoint(out / LAST_CHECKPOINT)
+    assert state["nonfinite"] == 1 and sorted(record.losses) == [1, 3, 4]
+    assert all(float(s["step"]) == 3 for s in state["optimiser"]["state"].values())  # 4 iterations, 1 rolled back
+    assert finite_checkpoint(out / LAST_CHECKPOINT) and finite_checkpoint(out / BEST_CHECKPOINT)
+    calls["n"] = 0
+    with pytest.raises(TrainingError, match=r"1 non-finite losses or updates \(train.max_nonfinite=0\)"):
+        train(tiny_config(small_demo, tmp_path / "s", "train.max_nonfinite=0"), [])
+
+
+def test_checkpoint_writer_refuses_nonfinite_tensors(tmp_path):
+    state = {"decoder": {"w": torch.tensor([1.0, float("nan")])}, "optimiser": {"state": {}}, "scaler": {}}
+    with pytest.raises(TrainingError, match=r"last.pt: refusing to write a checkpoint with non-finite decoder.w;"):
+        require_finite(state, tmp_path / LAST_CHECKPOINT)
+    state["decoder"]["w"] = torch.ones(2)
+    state["scaler"] = {"scale": float("inf")}
+    with pytest.raises(TrainingError, match="non-finite scaler.scale"):
+        require_finite(state, tmp_path / LAST_CHECKPOINT)
+
+
+def test_resume_after_midaccumulation_nonfinite_keeps_sample_order(small_demo, tmp_path, monkeypatch):
+    original_losses, original_get = UniClAffSeg.losses, DrawDataset.__getitem__
+    calls, draws = {"n": 0, "poison": True}, []
+
+    def poisoned(self, output):
+        losses = original_losses(self, output)
+        calls["n"] += 1
+        if calls["poison"] and calls["n"] == 1:  # micro-batch 1 of 2 in iteration 1: one left unconsumed
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    def recording(self, key):
+        draws.append(key)
+        return original_get(self, key)
+
+    monkeypatch.setattr(UniClAffSeg, "losses", poisoned)
+    monkeypatch.setattr(DrawDataset, "__getitem__", recording)
+    full = Record(copy_at=2, copy_to=tmp_path / "at2.pt")
+    train(tiny_config(small_demo, tmp_path / "a"), [full])
+    full_draws = list(draws)
+    assert [draw for _, draw in full_draws] == list(range(4 * 2 * 2))  # iterations × accumulation × batch
+
+    calls["poison"], draws[:] = False, []
+    resumed = Record()
+    train(tiny_config(small_demo, tmp_path / "b"), [resumed], resume_from=tmp_path / "at2.pt")
+    assert draws == full_draws[2 * 2 * 2:]
+    for iteration in (3, 4):
+        assert resumed.losses[iteration] == pytest.approx(full.losses[iteration], rel=1e-6, abs=1e-7)
+
+
+def test_resume_refuses_a_changed_schedule(small_demo, tmp_path):
+    train(tiny_config(small_demo, tmp_path / "a", "train.iterations=2"), [])
+    checkpoint = tmp_path / "a" / LAST_CHECKPOINT
+    for name, old, new in [("iterations", 2, 6), ("accumulation", 2, 1), ("batch_size", 2, 1), ("seed", 0, 1)]:
+        config = tiny_config(small_demo, tmp_path / "b", "train.iterations=2", f"train.{name}={new}")
+        with pytest.raises(TrainingError, match=rf"resume: checkpoint was trained with train.{name}={old}, not {new};"):
+            Trainer(config, [], resume_from=checkpoint)
+
+
+@pytest.mark.parametrize("key", ["n0", "warmup_blocks"])
+def test_block_counts_beyond_the_encoder_are_refused(small_demo, tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"refine.{key}: 99 must lie in \[1, \d+\] \(the affinity blocks of"):
+        Trainer(tiny_config(small_demo, tmp_path / "c", f"refine.{key}=99"))
+
+
+def test_accumulation_averages_the_micro_batch_gradients(small_demo, tmp_path, monkeypatch):
+    """accumulation=2 steps with the mean of the two micro-batches' gradients (dropout off: deterministic)."""
+    trainer = Trainer(tiny_config(small_demo, tmp_path / "g", "model.decoder_dropout=0.0"))
+    params = [p for p in trainer.model.decoder.parameters() if p.requires_grad]
+    stepped = []
+    monkeypatch.setattr(trainer.scaler, "step", lambda optimiser: stepped.append([p.grad.clone() for p in params]))
+    assert trainer._step(iter(trainer._loader())) is not None
+
+    expected = [torch.zeros_like(p) for p in params]
+    batches = iter(trainer._loader())
+    for _ in range(2):
+        batch = next(batches)
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.model.losses(trainer.model(batch["image"], batch["labels"], 0))["loss"].backward()
+        for total, p in zip(expected, params):
+            total += p.grad / 2
+    for got, want in zip(stepped[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_poly_power_reaches_the_scheduler(small_demo, tmp_path):
+    trainer = Trainer(tiny_config(small_demo, tmp_path / "p", "optim.poly_power=2.0"))
+    for _ in range(2):
+        trainer.optimiser.step()
+        trainer.scheduler.step()
+    assert trainer.optimiser.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 4) ** 2)
