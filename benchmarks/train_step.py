@@ -30,16 +30,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from affseg.backbones.registry import ENCODER_NAMES
 from affseg.cam import compute_cams
@@ -48,70 +45,13 @@ from affseg.data.classes import NUM_FOREGROUND
 from affseg.model import ModelOutput, UniClAffSeg, build_model
 from affseg.refine.affinity import decoder_affinity, encoder_affinities
 from affseg.refine.pseudo import pseudo_labels, refine_cams
+from stages import PHASES, PhaseClock, block_end_module, cpu_phase_peaks  # benchmarks/stages.py
 
-PHASES = ("encoder", "grad_cam", "refine", "par_pseudo", "decoder_loss", "backward")
 STEP = "step"
 CLASSES_PER_IMAGE = 2  # present classes per image (VOC averages about 1.5)
 WARMUP_RUNS = 1
 SEED = 0
 MIB = 2**20
-
-
-class PhaseClock:
-    """Wall time, CUDA peak memory and profiler ranges of consecutive phases.
-
-    `switch(name)` ends the running phase (if any) and starts `name`; `stop()` ends it. A phase
-    may run several times in one step: times add up, peaks take the maximum.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self.peak_bytes: dict[str, int] = {}
-        self._phase: str | None = None
-        self._range: contextlib.AbstractContextManager | None = None
-        self._start = 0.0
-        self._allocated = 0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def stop(self) -> None:
-        if self._phase is None:
-            return
-        self._sync()
-        elapsed = time.perf_counter() - self._start
-        self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + elapsed
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) - self._allocated
-            self.peak_bytes[self._phase] = max(self.peak_bytes.get(self._phase, 0), peak)
-        self._range.__exit__(None, None, None)
-        self._phase = None
-
-    def switch(self, phase: str) -> None:
-        self.stop()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._allocated = torch.cuda.memory_allocated(self.device)
-        self._phase = phase
-        self._range = record_function(phase)
-        self._range.__enter__()
-        self._sync()
-        self._start = time.perf_counter()
-
-
-def block_end_module(model: UniClAffSeg) -> nn.Module:
-    """The last module that the CAM block calls: its forward hook marks the end of the no-grad part.
-
-    UniCL Swin blocks run through `swin.run_block`, whose last module call is the block's MLP;
-    CLIP ViT blocks are called as modules.
-    """
-    encoder = model.encoder
-    if hasattr(encoder, "image_encoder"):
-        blocks = [block for layer in encoder.image_encoder.layers for block in layer.blocks]
-        return blocks[model.cam_block].mlp
-    return encoder.model.visual.transformer.resblocks[model.cam_block]
 
 
 def phased_step(model: UniClAffSeg, images: torch.Tensor, labels: torch.Tensor, iteration: int,
@@ -158,31 +98,6 @@ def whole_step(model: UniClAffSeg, images: torch.Tensor, labels: torch.Tensor, i
         losses = model.losses(model(images, labels, iteration))
     losses["loss"].backward()
     clock.stop()
-
-
-def cpu_phase_peaks(trace: Path, phases: tuple[str, ...]) -> dict[str, int]:
-    """Per phase name: the largest rise of allocated CPU memory above its level at the phase's start.
-
-    Reads a chrome trace of `torch.profiler` (profile_memory=True): `[memory]` instant events carry
-    signed `Bytes`; phases are the `record_function` ranges of those names.
-    """
-    events = json.loads(trace.read_text())["traceEvents"]
-    memory = sorted((e["ts"], e["args"]["Bytes"]) for e in events
-                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
-    ranges = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in events
-              if e.get("ph") == "X" and e.get("name") in phases]
-    peaks = dict.fromkeys(phases, 0)
-    for name, start, end in ranges:
-        level = peak = 0
-        for stamp, size in memory:
-            if stamp < start:
-                continue
-            if stamp > end:
-                break
-            level += size
-            peak = max(peak, level)
-        peaks[name] = max(peaks[name], peak)
-    return peaks
 
 
 def measure(name: str, device: torch.device, batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,197 @@
+"""Shared timing code of the training-step benchmarks (`train_step.py`, `gpu_check.py`).
+
+`PhaseClock` times consecutive phases (CUDA-synchronised at every boundary, CUDA peak memory per
+phase, a `torch.profiler` range per phase); `instrumented(model, clock)` attributes the time of the
+REAL `model(...)`, `model.losses` and `.backward()` to the phases by wrapping the functions
+`affseg.model` calls (a stack: a nested call resumes its caller's phase when it returns):
+
+| phase        | what runs                                                                   |
+|--------------|-----------------------------------------------------------------------------|
+| encoder      | `compute_cams` up to the end of the CAM block (the no-grad encoder part)    |
+| grad_cam     | the rest of `compute_cams`: forward from the CAM block, one backward per class slot |
+| refine       | `model.pseudo_labels` without PAR: encoder affinities, Sinkhorn, random walk, boxes |
+| par_pseudo   | `pseudo_labels` (background, PAR, argmax)                                   |
+| decoder_loss | `model.decoder`, `decoder_affinity`, `model.losses`                         |
+| backward     | `Tensor.backward` (the decoder's backward)                                  |
+| rest         | everything else inside the timed call (optimiser step, glue)                |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+import affseg.model as model_module
+from affseg.model import UniClAffSeg
+
+PHASES = ("encoder", "grad_cam", "refine", "par_pseudo", "decoder_loss", "backward")
+REST = "rest"
+# functions of affseg.model wrapped by `instrumented`, and their phase
+MODULE_PHASES = {"compute_cams": "encoder", "encoder_affinities": "refine", "refine_cams": "refine",
+                 "pseudo_labels": "par_pseudo", "decoder_affinity": "decoder_loss"}
+MIB = 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseClock:
+    """Wall time, CUDA peak memory and profiler ranges of consecutive phases.
+
+    `switch(name)` ends the running phase (if any) and starts `name`; `stop()` ends it. `push` /
+    `pop` nest phases (pop resumes the caller's phase). A phase may run several times: times add
+    up, peaks (bytes above the phase's start) take the maximum; `peak_total` is the absolute peak.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+        self.peak_total = 0
+        self._phase: str | None = None
+        self._stack: list[str] = []
+        self._range: contextlib.AbstractContextManager | None = None
+        self._start = 0.0
+        self._allocated = 0
+
+    def stop(self) -> None:
+        if self._phase is None:
+            return
+        sync(self.device)
+        elapsed = time.perf_counter() - self._start
+        self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + elapsed
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_total = max(self.peak_total, peak)
+            self.peak_bytes[self._phase] = max(self.peak_bytes.get(self._phase, 0), peak - self._allocated)
+        self._range.__exit__(None, None, None)
+        self._phase = None
+
+    def switch(self, phase: str) -> None:
+        self.stop()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._allocated = torch.cuda.memory_allocated(self.device)
+        self._phase = phase
+        self._range = record_function(phase)
+        self._range.__enter__()
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def push(self, phase: str) -> None:
+        self._stack.append(phase)
+        self.switch(phase)
+
+    def replace(self, phase: str) -> None:
+        """The running (innermost) phase becomes `phase`."""
+        if self._stack:
+            self._stack[-1] = phase
+        self.switch(phase)
+
+    def pop(self) -> None:
+        self._stack.pop()
+        if self._stack:
+            self.switch(self._stack[-1])
+        else:
+            self.stop()
+
+    def ms(self, phase: str) -> float:
+        return self.seconds.get(phase, 0.0) * 1e3
+
+
+def block_end_module(model: UniClAffSeg) -> nn.Module:
+    """The last module that the CAM block calls: its forward hook marks the end of the no-grad part.
+
+    UniCL Swin blocks run through `swin.run_block`, whose last module call is the block's MLP;
+    CLIP ViT blocks are called as modules.
+    """
+    encoder = model.encoder
+    if hasattr(encoder, "image_encoder"):
+        blocks = [block for layer in encoder.image_encoder.layers for block in layer.blocks]
+        return blocks[model.cam_block].mlp
+    return encoder.model.visual.transformer.resblocks[model.cam_block]
+
+
+def _in_phase(function: Callable, phase: str, clock: PhaseClock) -> Callable:
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        clock.push(phase)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            clock.pop()
+    return wrapper
+
+
+@contextlib.contextmanager
+def instrumented(model: UniClAffSeg, clock: PhaseClock) -> Iterator[None]:
+    """Within: calls of `model` (and any `.backward()`) report their phases to `clock` (see module docstring).
+
+    A name missing from `affseg.model` raises AttributeError naming it (the model changed: update MODULE_PHASES).
+    """
+    originals = {name: getattr(model_module, name) for name in MODULE_PHASES}
+    backward = torch.Tensor.backward
+    handles = [
+        block_end_module(model).register_forward_hook(lambda *_: clock.replace("grad_cam")),
+        model.decoder.register_forward_pre_hook(lambda *_: clock.push("decoder_loss")),
+        model.decoder.register_forward_hook(lambda *_: clock.pop()),
+    ]
+    try:
+        for name, phase in MODULE_PHASES.items():
+            setattr(model_module, name, _in_phase(originals[name], phase, clock))
+        model.pseudo_labels = _in_phase(type(model).pseudo_labels.__get__(model), "refine", clock)
+        model.losses = _in_phase(type(model).losses.__get__(model), "decoder_loss", clock)
+        torch.Tensor.backward = _in_phase(backward, "backward", clock)
+        yield
+    finally:
+        torch.Tensor.backward = backward
+        for name, function in originals.items():
+            setattr(model_module, name, function)
+        for attribute in ("pseudo_labels", "losses"):
+            model.__dict__.pop(attribute, None)
+        for handle in handles:
+            handle.remove()
+
+
+def timed(function: Callable[[], object], clock: PhaseClock) -> None:
+    """Run `function` with everything outside the named phases counted as `REST`."""
+    clock.push(REST)
+    try:
+        function()
+    finally:
+        clock.pop()
+
+
+def cpu_phase_peaks(trace: Path, phases: tuple[str, ...]) -> dict[str, int]:
+    """Per phase name: the largest rise of allocated CPU memory above its level at the phase's start.
+
+    Reads a chrome trace of `torch.profiler` (profile_memory=True): `[memory]` instant events carry
+    signed `Bytes`; phases are the `record_function` ranges of those names.
+    """
+    events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    ranges = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in events
+              if e.get("ph") == "X" and e.get("name") in phases]
+    peaks = dict.fromkeys(phases, 0)
+    for name, start, end in ranges:
+        level = peak = 0
+        for stamp, size in memory:
+            if stamp < start:
+                continue
+            if stamp > end:
+                break
+            level += size
+            peak = max(peak, level)
+        peaks[name] = max(peaks[name], peak)
+    return peaks
