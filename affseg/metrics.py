@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from affseg.data.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from affseg.data.classes import NUM_CLASSES, VOC_CLASSES
 
 
 class ConfusionMatrix:
@@ -19,10 +19,15 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor) -> None:
-        """prediction, truth: (B, H, W) or (H, W) integer class indices; truth 255 is ignored."""
+        """prediction, truth: (B, H, W) or (H, W) integer class indices.
+
+        A pixel counts only when both lie in [0, K): truth 255 is unlabelled, and a prediction of 255
+        (a pseudo-label inside the ignore band, `refine.ignore_band`) is no class, so that pixel is
+        left out of the matrix rather than scored as a class.
+        """
         truth = truth.reshape(-1).to(self.matrix.device)
         prediction = prediction.reshape(-1).to(self.matrix.device)
-        valid = (truth != IGNORE_INDEX) & (truth >= 0) & (truth < self.num_classes)
+        valid = (truth >= 0) & (truth < self.num_classes) & (prediction >= 0) & (prediction < self.num_classes)
         index = truth[valid].long() * self.num_classes + prediction[valid].long()
         self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
 

@@ -36,3 +36,15 @@ def test_confusion_accumulates_and_ignores_255():
     scores = cm.summary(("background", "aeroplane", "bicycle"))
     assert np.isclose(scores.per_class.iou[0], 1.0)
     assert np.isclose(scores.per_class.iou[1], 2 / 6)
+
+
+def test_ignored_predictions_never_enter_the_matrix():
+    # an ignore-band pseudo-label (255) is no class: that pixel is left out, never an out-of-range bin
+    matrix = ConfusionMatrix(num_classes=3)
+    truth = torch.tensor([[0, 1, 2, 255]])
+    prediction = torch.tensor([[0, 255, 2, 1]])
+    matrix.update(prediction, truth)
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    expected[0, 0] = expected[2, 2] = 1
+    assert matrix.matrix.shape == (3, 3)
+    assert torch.equal(matrix.matrix, expected)

@@ -224,3 +224,12 @@ def test_poly_power_reaches_the_scheduler(small_demo, tmp_path):
         trainer.optimiser.step()
         trainer.scheduler.step()
     assert trainer.optimiser.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 4) ** 2)
+
+
+def test_ignore_band_validates(small_demo, tmp_path):
+    # ignore-band pseudo-labels hold 255: the pseudo-label quality must score them as "left out", not crash
+    config = tiny_config(small_demo, tmp_path / "band", "refine.ignore_band=true", "train.iterations=2",
+                         "train.val_interval=2")
+    result = train(config, [])
+    assert result.iterations_done == 2
+    assert 0.0 <= result.best.miou <= 1.0
