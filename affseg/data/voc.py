@@ -10,7 +10,6 @@ Layout under `root` (a `VOCdevkit/VOC2012` folder):
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from affseg.data.classes import IGNORE_INDEX, NUM_FOREGROUND
+from affseg.data.cls_labels import LabelFileError, read_label_dict
 from affseg.data.transforms import TrainAugment, normalise
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,13 @@ def read_ids(layout: VocLayout, split: str) -> list[str]:
 
 
 def load_cls_labels(path: Path) -> dict[str, np.ndarray]:
-    """Read the id → float32[20] dict written by `np.save` (or plain pickle)."""
+    """Read the id → float32[20] dict written by `np.save` (or plain pickle), never running its code."""
     if not path.is_file():
         raise DatasetError(f"{path}: image-level labels not found; run `affseg prepare-voc --root {path.parent}`")
     try:
-        loaded = np.load(path, allow_pickle=True)
-        labels = loaded.item() if isinstance(loaded, np.ndarray) else loaded
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as err:
-        raise DatasetError(f"{path}: unreadable image-level labels ({err}); rebuild with `affseg prepare-voc`") from None
-    if not isinstance(labels, dict):
-        raise DatasetError(f"{path}: expected a dict id -> float32[{NUM_FOREGROUND}], got {type(labels).__name__}")
-    return labels
+        return read_label_dict(path)
+    except (OSError, LabelFileError) as err:
+        raise DatasetError(f"{path}: unusable image-level labels ({err}); rebuild with `affseg prepare-voc`") from None
 
 
 def read_image(path: Path) -> np.ndarray:
