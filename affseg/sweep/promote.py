@@ -30,7 +30,7 @@ from affseg.backbones.demo_weights import RANDOM_WEIGHTS, default_checkpoint
 from affseg.config import Config, ConfigError, TrackingConfig, from_dict
 from affseg.train import BEST_CHECKPOINT, load_checkpoint
 from affseg.sweep.tracking import (
-    BEST_MIOU, CHECKPOINT_DIR, ROLE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG, open_experiment, tracking_uri,
+    BEST_MIOU, CHECKPOINT_DIR, ROLE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG, open_experiment, tag_filter, tracking_uri,
 )
 
 MODEL_NAME = "affseg"
@@ -115,7 +115,10 @@ class AffsegModel(mlflow.pyfunc.PythonModel):
 
 
 def _parent(client: MlflowClient, experiment_id: str, sweep: str | None):
-    query = f"tags.`{ROLE_TAG}` = 'parent'" + (f" AND tags.`{SWEEP_TAG}` = '{sweep}'" if sweep else "")
+    try:
+        query = tag_filter({ROLE_TAG: "parent", **({SWEEP_TAG: sweep} if sweep else {})})
+    except ValueError as err:
+        raise PromotionError(f"--sweep {err}") from None
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
         raise PromotionError(f"no sweep {sweep!r} in the tracking store" if sweep else
@@ -127,7 +130,7 @@ def best_trial_run(client: MlflowClient, experiment_id: str, sweep: str | None =
     """The sweep's (default: latest sweep's) completed child run with the highest best val mIoU and a
     checkpoint; ties go to the lower trial number, exactly as the sweep summary picks its best trial."""
     parent = _parent(client, experiment_id, sweep)
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([experiment_id], tag_filter({"mlflow.parentRunId": parent.info.run_id}))
     completed = [run for run in children
                  if run.data.tags.get(STATE_TAG) == "completed" and BEST_MIOU in run.data.metrics]
     completed.sort(key=lambda run: (-run.data.metrics[BEST_MIOU], int(run.data.tags[TRIAL_TAG])))

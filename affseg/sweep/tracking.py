@@ -100,8 +100,22 @@ def open_experiment(cfg: TrackingConfig) -> tuple[MlflowClient, str]:
     return client, client.create_experiment(cfg.experiment, artifact_location=location)
 
 
+def quote_filter_value(value: str) -> str:
+    """`value` as a string literal of an MLflow filter: in single quotes, or double quotes when it holds a
+    single quote. MLflow's filter grammar has no escape, so a value holding both cannot be searched for."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r}: a name holding both ' and \" cannot be searched for in MLflow; rename it")
+
+
+def tag_filter(tags: dict[str, str]) -> str:
+    """MLflow filter string matching every (tag, value) pair of `tags`."""
+    return " AND ".join(f"tags.`{key}` = {quote_filter_value(str(value))}" for key, value in tags.items())
+
+
 def _find(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list:
-    query = " AND ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    query = tag_filter(tags)
     return client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
 
 
