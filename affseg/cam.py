@@ -15,6 +15,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from affseg.backbones.base import autocast_off
+from affseg.config import ConfigError
+
 CamMethod = Literal["gradcam", "gradcampp", "layercam"]
 
 NORMALISE_EPS = 1e-5  # smallest value range a map is divided by in min-max normalisation
@@ -87,6 +90,22 @@ def _slot_masks(labels: Tensor) -> Tensor:
     return present.unsqueeze(0) & (rank.unsqueeze(0) == order)
 
 
+def _check_gradient_reached(moved: Tensor, present: Tensor, num_background: int, cam_block: int) -> None:
+    """Raise when no image got any Grad-CAM gradient although some softmax had a rival class.
+
+    moved: (B,) bool, image received a non-zero gradient; present: (B, K_fg) bool. An image whose
+    softmax holds a single class (one present class, no background prompts) has probability 1 and
+    gradient 0 whatever the block, so it does not count.
+    """
+    rivalled = present.sum(dim=1) + num_background >= 2
+    if bool(rivalled.any()) and not bool(moved[rivalled].any()):
+        raise ConfigError(
+            f"model.cam_block: the Grad-CAM gradient at encoder block {cam_block} is exactly 0 for the whole "
+            "batch (the block does not reach the image embedding, e.g. the last block of a CLIP ViT); "
+            "choose an earlier block, or leave model.cam_block unset for the encoder's default"
+        )
+
+
 def compute_cams(
     encoder: CamEncoder,
     classifier: CamClassifier,
@@ -106,32 +125,41 @@ def compute_cams(
     (s+1)-th present class. Images do not interact in the encoder, so each image
     receives exactly its own class's gradient.
 
+    Under autocast the blocks after the target (see `grad_mode`), the logits and the
+    backward run in float32 (SPEC §5.1: fp16 flushes CAM gradients to zero).
+
     Returns (cams (B, K_fg, h, w) detached — absent classes exactly 0, present
     ones min-max normalised to [0, 1] — and the `ImageFeatures` with every block
-    detached).
+    detached). Raises ConfigError when the whole batch's gradient at the target is
+    exactly 0 (a block that does not reach the embedding), never silent background.
     """
     num_fg = labels.shape[1]
     if num_fg != classifier.num_foreground:
         raise ValueError(f"labels have {num_fg} classes but the classifier has {classifier.num_foreground}")
+    present = labels > 0
     with torch.enable_grad():
-        features = encoder.encode_image(images, grad_block=cam_block)
+        features = encoder.encode_image(images, grad_block=cam_block)  # blocks after the target: float32
         acts = features.blocks[cam_block]
-        logits = classifier.logits(features.embedding)
-        present = labels > 0
-        # an image without any present class keeps its plain softmax (never a row of -inf only)
-        absent = ~present & present.any(dim=1, keepdim=True)
-        fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
-        probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
+        with autocast_off():  # the logits and their softmax in float32 too, whatever the autocast dtype
+            logits = classifier.logits(features.embedding.float())
+            # an image without any present class keeps its plain softmax (never a row of -inf only)
+            absent = ~present & present.any(dim=1, keepdim=True)
+            fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
+            probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
 
         slots = _slot_masks(labels)
         batch, _, height, width = acts.shape
         cams = acts.new_zeros(batch, num_fg, height, width, dtype=torch.float32)
         detached = acts.detach().float()
+        moved = torch.zeros(batch, dtype=torch.bool, device=acts.device)  # image got a non-zero gradient
         for index, mask in enumerate(slots):
             score = (probs * mask).sum()
             (grads,) = torch.autograd.grad(score, acts, retain_graph=index < len(slots) - 1)
-            cam = cam_from_gradients(detached, grads.float(), method)  # (B, h, w), float32 under AMP too
+            moved = moved | grads.flatten(1).ne(0).any(dim=1)
+            cam = cam_from_gradients(detached, grads.float(), method)  # (B, h, w)
             cams = cams + mask[:, :, None, None] * cam[:, None]
+    if len(slots):
+        _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
 
     cams = minmax_normalise(cams) * present[:, :, None, None]
     blocks = [block.detach() for block in features.blocks]

@@ -51,7 +51,7 @@ class ModelConfig:
     encoder: str = "unicl_swin_tiny"  # registry name: unicl_swin_b | unicl_swin_tiny | clip_vit_b16 | clip_vit_tiny
     checkpoint: str = ""  # encoder weights file; "" = committed demo weights (tiny encoder); "random" = random init
     cam_method: Literal["gradcam", "gradcampp", "layercam"] = "gradcam"
-    cam_block: int = -1  # index among the stride-16 blocks; -1 = last block of that stage
+    cam_block: int | None = None  # index among the stride-16 blocks; None = the encoder's default_cam_block
     prompt_template: str = "a clean origami {}."
     background_prompts: bool = True
     decoder_blocks: list[int] = field(default_factory=list)  # stride-16 block indices; [] = all of them

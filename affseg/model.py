@@ -72,7 +72,8 @@ class UniClAffSeg(nn.Module):
             parameter.requires_grad_(False)
         model_cfg: ModelConfig = config.model
         grid_blocks = encoder.stage_blocks(encoder.grid_stride)
-        self.cam_block = select_blocks(grid_blocks, [model_cfg.cam_block], "cam_block")[0]
+        cam_block = encoder.default_cam_block if model_cfg.cam_block is None else model_cfg.cam_block
+        self.cam_block = select_blocks(grid_blocks, [cam_block], "cam_block")[0]
         self.decoder_blocks = select_blocks(grid_blocks, model_cfg.decoder_blocks, "decoder_blocks")
         self.affinity_blocks = select_blocks(grid_blocks, model_cfg.affinity_blocks, "affinity_blocks")
         self.classifier = ZeroShotClassifier(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GRID_STRIDE = 16  # stride of the CAM / affinity / decoder grid (Swin stage 3, ViT-B/16 patches)
+AUTOCAST_DEVICES = ("cpu", "cuda")  # device types whose autocast `autocast_off` leaves
 
 
 @dataclass
@@ -43,6 +45,7 @@ class DualEncoder(nn.Module, ABC):
 
     embed_dim: int  # D, dimension of the joint image-text space
     grid_stride: int = GRID_STRIDE
+    default_cam_block: int = -1  # Grad-CAM target among the grid-stride blocks: the last one
     block_strides: tuple[int, ...]  # stride of every block map, in block order
     block_channels: tuple[int, ...]  # channels C_k of every block map, in block order
     image_mean: tuple[float, float, float]  # normalisation the image tower was trained with
@@ -120,16 +123,16 @@ def grad_leaf(tokens: Tensor, valid: tuple[int, int]) -> tuple[Tensor, Tensor]:
         valid: ``(h, w)`` region of ``tokens`` covering the unpadded input.
 
     Returns:
-        ``leaf``: ``(B, C, h, w)`` tensor with ``requires_grad=True`` (returned as the block map), and
+        ``leaf``: ``(B, C, h, w)`` float32 tensor with ``requires_grad=True`` (returned as the block map), and
         ``tokens_out``: ``(B, h_pad, w_pad, C)`` equal to ``tokens`` but computed from ``leaf`` (the padding
         rows/columns are copied, detached), to feed the next block.
     """
-    leaf = as_block_map(tokens, valid).detach().contiguous().requires_grad_(True)
+    leaf = as_block_map(tokens, valid).detach().float().contiguous().requires_grad_(True)
     with torch.enable_grad():  # the caller may be under no_grad: the path from the leaf must be recorded
         leaf_tokens = leaf.permute(0, 2, 3, 1)
         if tuple(tokens.shape[1:3]) == tuple(valid):
             return leaf, leaf_tokens
-        tokens_out = tokens.detach().clone()
+        tokens_out = tokens.detach().to(torch.float32, copy=True)
         tokens_out[:, : valid[0], : valid[1]] = leaf_tokens
     return leaf, tokens_out
 
@@ -138,8 +141,25 @@ def grad_mode(grad_block: int | None, index: int) -> contextlib.AbstractContextM
     """Autograd mode for the step that produces block ``index`` (``index == len(blocks)``: the pooling).
 
     Without ``grad_block`` the caller's mode is kept; with it, the steps up to and including the leaf
-    block run without grad and the later ones with grad.
+    block run without grad and the later ones with grad and outside autocast, in float32 (SPEC §5.1:
+    under fp16 the Grad-CAM gradients would underflow).
     """
     if grad_block is None:
         return contextlib.nullcontext()
-    return torch.no_grad() if index <= grad_block else torch.enable_grad()
+    return torch.no_grad() if index <= grad_block else _tracked_full_precision()
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Leave every active autocast region (CPU, CUDA) for the enclosed code: it runs in its inputs' dtype."""
+    with contextlib.ExitStack() as stack:
+        for device_type in AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def _tracked_full_precision() -> Iterator[None]:
+    with torch.enable_grad(), autocast_off():
+        yield

@@ -9,6 +9,7 @@ included, so the pooled embedding of a padded input also sees the padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -101,11 +102,42 @@ def resample_position_embedding(embedding: Tensor, grid: tuple[int, int], new_gr
     return torch.cat([class_slot, patches])
 
 
+def vit_block_maps(
+    x: Tensor,
+    layers: Iterable[Callable[[Tensor], Tensor]],
+    grid: tuple[int, int],
+    valid: tuple[int, int],
+    grad_block: int | None,
+) -> tuple[list[Tensor], Tensor]:
+    """Run ViT layers on ``(B, 1 + gh * gw, C)`` tokens (class token first), keeping each layer's patch tokens.
+
+    Returns every layer's map ``(B, C, h, w)`` cropped to ``valid`` and the last layer's tokens. With
+    ``grad_block=k``, layer ``k``'s map is the Grad-CAM leaf and the class token leaving it is detached.
+    """
+    batch = x.shape[0]
+    blocks: list[Tensor] = []
+    for index, layer in enumerate(layers):
+        with grad_mode(grad_block, index):
+            x = layer(x)
+        token_map = x[:, 1:].reshape(batch, *grid, -1)
+        if index == grad_block:
+            leaf, token_map = grad_leaf(token_map, valid)
+            with torch.enable_grad():
+                x = torch.cat([x[:, :1].detach(), token_map.flatten(1, 2)], dim=1)
+            blocks.append(leaf)
+        else:
+            blocks.append(as_block_map(token_map, valid))
+    return blocks, x
+
+
 class ClipVitEncoder(DualEncoder):
     """open_clip ``CLIP`` (ViT image tower) behind the ``DualEncoder`` interface, held as ``self.model``."""
 
     image_mean = OPENAI_DATASET_MEAN
     image_std = OPENAI_DATASET_STD
+    # SPEC §5.1: the output of the second-to-last block (WeCLIP, CLIP-ES); after the last block only the
+    # class token reaches the embedding, so every patch-token gradient there is exactly 0
+    default_cam_block = -2
 
     def __init__(self, config: ClipConfig, model: CLIP | None = None):
         super().__init__()
@@ -137,18 +169,7 @@ class ClipVitEncoder(DualEncoder):
             position = resample_position_embedding(visual.positional_embedding, visual.grid_size, grid)
             x = visual.ln_pre(torch.cat([class_token, tokens], dim=1) + position.to(tokens.dtype))
 
-        blocks: list[Tensor] = []
-        for index, block in enumerate(visual.transformer.resblocks):
-            with grad_mode(grad_block, index):
-                x = block(x)
-            token_map = x[:, 1:].reshape(batch, *grid, -1)
-            if index == grad_block:
-                leaf, token_map = grad_leaf(token_map, valid)
-                with torch.enable_grad():
-                    x = torch.cat([x[:, :1].detach(), token_map.flatten(1, 2)], dim=1)
-                blocks.append(leaf)
-            else:
-                blocks.append(as_block_map(token_map, valid))
+        blocks, x = vit_block_maps(x, visual.transformer.resblocks, grid, valid, grad_block)
         with grad_mode(grad_block, len(blocks)):
             embedding = visual.ln_post(x[:, 0]) @ visual.proj
         return ImageFeatures(blocks=blocks, block_strides=list(self.block_strides), embedding=embedding)
