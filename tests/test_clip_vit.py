@@ -117,3 +117,15 @@ def test_full_vit_b16_shapes():
         features = encoder.encode_image(torch.randn(1, 3, 320, 224))
     assert len(features.blocks) == 12 and all(block.shape == (1, 768, 20, 14) for block in features.blocks)
     assert features.embedding.shape == (1, 512)
+
+
+@pytest.mark.parametrize("dropped", ["visual.ln_post.weight", "ln_final.bias"])
+def test_missing_key_is_named_in_one_line(tiny, tmp_path, dropped):
+    # an OpenAI-layout state dict without one key: the error must name that key, in one line
+    state = {key: value for key, value in tiny.model.state_dict().items() if key != dropped}
+    path = tmp_path / "state_dict.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        build_encoder("clip_vit_tiny", checkpoint=path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and dropped in message

@@ -7,6 +7,7 @@ import os
 from affseg.backbones.base import DualEncoder
 from affseg.backbones.checkpoint import load_openai_clip, load_unicl
 from affseg.backbones.clip_vit import CLIP_CONFIGS, ClipVitEncoder
+from affseg.backbones.hf_clip import is_hf_folder, load_hf_clip
 from affseg.backbones.unicl import UNICL_CONFIGS, UniCLEncoder
 
 ENCODER_NAMES: tuple[str, ...] = (*UNICL_CONFIGS, *CLIP_CONFIGS)
@@ -17,8 +18,8 @@ def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> Dua
 
     Args:
         name: one of ``ENCODER_NAMES``: ``unicl_swin_b``, ``unicl_swin_tiny``, ``clip_vit_b16``, ``clip_vit_tiny``.
-        checkpoint: weights to load strictly (UniCL: published layout; CLIP: OpenAI file);
-            None gives random weights.
+        checkpoint: weights to load strictly (UniCL: published layout; CLIP: OpenAI file, or a Hugging Face
+            ``CLIPModel.save_pretrained`` folder with ``config.json``); None gives random weights.
 
     Raises:
         ValueError: unknown name. ``CheckpointError`` (a ValueError): unreadable or mismatching file.
@@ -29,7 +30,12 @@ def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> Dua
             load_unicl(checkpoint, encoder)
     elif name in CLIP_CONFIGS:
         config = CLIP_CONFIGS[name]
-        encoder = ClipVitEncoder(config) if checkpoint is None else load_openai_clip(checkpoint, config)
+        if checkpoint is None:
+            encoder = ClipVitEncoder(config)
+        elif is_hf_folder(checkpoint):
+            encoder = load_hf_clip(checkpoint, config)
+        else:
+            encoder = load_openai_clip(checkpoint, config)
     else:
         raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODER_NAMES)}")
     return encoder.freeze()
