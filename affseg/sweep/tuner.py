@@ -132,6 +132,14 @@ def _restore(out_dir: Path) -> tuple[Path | None, float | None]:
     return out_dir / LAST_CHECKPOINT, objective
 
 
+def trial_scratch() -> Path:
+    """The trial's node-local working folder. Not `get_trial_dir()`: for a function trainable that is
+    the driver staging folder, which Ray re-uploads every few seconds while we write temporaries
+    (last.pt.tmp, tune_checkpoint/) into it, logging a FileNotFoundError traceback when one vanishes.
+    The working folder is synced only with `SyncConfig(sync_artifacts=True)`, which we never set."""
+    return Path(tune.get_context().get_storage().trial_working_directory)
+
+
 def run_trial(trial_config: dict, context: TrialContext) -> None:
     """The Ray Tune trainable: one training run with the trial's parameters."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -139,7 +147,7 @@ def run_trial(trial_config: dict, context: TrialContext) -> None:
     link = TrialLink(context.study, number)
     if link.finished():  # a restored sweep re-queued a trial whose outcome Optuna already has
         return
-    out_dir = Path(tune.get_context().get_trial_dir()) / TRAIN_DIR
+    out_dir = trial_scratch() / TRAIN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = MlflowCallback(context.tracking, number, None)
     try:
@@ -322,6 +330,36 @@ def _resources(spec: SweepSpec) -> tuple[dict[str, float], int]:
     return {"cpu": spec.cpus_per_trial}, spec.concurrency
 
 
+def resource_shortfall(requested: dict[str, float], largest_node: dict[str, float], autoscaling: bool) -> str | None:
+    """None when one node can hold a trial's `requested` resources ({"cpu": 4, "gpu": 1}); else the line to
+    print while an autoscaling cluster adds nodes. On a fixed cluster a ConfigError naming the setting.
+
+    `largest_node` holds the resources of the cluster's largest node ({"CPU": 2.0, "GPU": 0.0}): Ray places
+    a trial on one node, so the cluster's total would hide a trial that fits nowhere."""
+    short = {key: need for key, need in requested.items() if need > largest_node.get(key.upper(), 0.0)}
+    if not short:
+        return None
+    wants = ", ".join(f"{need:g} {key.upper()}" for key, need in short.items())
+    has = ", ".join(f"{largest_node.get(key.upper(), 0.0):g} {key.upper()}" for key in short)
+    if autoscaling:
+        return f"a trial needs {wants} but the largest node has {has}: waiting for the autoscaler to add nodes"
+    fix = f"cpus_per_trial={int(largest_node.get('CPU', 0.0))}" if "cpu" in short else "a node with a GPU"
+    raise ConfigError(f"a trial needs {wants} but the largest Ray node has {has}, and the cluster does not "
+                      f"autoscale; set {fix} (sweep setting) or add nodes")
+
+
+def _largest_node() -> dict[str, float]:
+    """Resources of the alive Ray node with the most CPUs."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return max(nodes, key=lambda r: r.get("CPU", 0.0), default={})
+
+
+def _autoscaling(started: bool) -> bool:
+    """A Ray started here (local, fixed size) never grows; a cluster joined through RAY_ADDRESS (e.g. one
+    launched from ray_cluster.yaml) is assumed to autoscale. Ray exposes no public "is autoscaling" flag."""
+    return not started and bool(os.environ.get(RAY_ADDRESS_ENV))
+
+
 def _records(study: optuna.Study, runs: dict[int, object]) -> list[TrialRecord]:
     """Optuna's view of every trial (a pruned trial's value is its last reported one) + its MLflow run."""
     return [
@@ -395,6 +433,9 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     started = _start_ray()
     try:
         resources, concurrency = _resources(spec)
+        waiting = resource_shortfall(resources, _largest_node(), _autoscaling(started))
+        if waiting:
+            print(waiting, flush=True)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
         print(f"sweep {sweep}: space {spec.path.name}, profile {spec.profile}, {spec.trials} trials, "
               f"{concurrency} at a time on {resources}{' (resumed)' if resume else ''}", flush=True)
