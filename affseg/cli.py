@@ -133,9 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     from affseg.backbones.pretrain import PretrainConfig
 
     pre = sub.add_parser("pretrain", help="contrastive UniCL pre-training of a tiny encoder on the demo set")
+    helps = field_comments(PretrainConfig)
     for f in fields(PretrainConfig):
-        pre.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default)
+        pre.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                         help=f"{helps[f.name]} (default: %(default)s)")
     return parser
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: its trailing `# comment`} of a dataclass, read from its source: the help text lives in one place."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+    found = (pattern.match(line) for line in inspect.getsource(cls).splitlines())
+    return {match.group(1): match.group(2).strip() for match in found if match}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except USER_ERRORS as err:
         print(f"affseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unwritable or missing path met outside the checks above: name it, no traceback
+        if err.filename is None:
+            raise
+        print(f"affseg {args.command}: error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
         return 2
 
 

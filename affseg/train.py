@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -133,14 +134,26 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def writable_folder(folder: Path) -> Path:
+    """`folder`, created if needed and probed with a temporary file: checkpoints must be writable before an hour
+    of training, not after. TrainingError (one line, naming the folder) otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise TrainingError(f"{folder}: cannot write there ({err.strerror or type(err).__name__}); "
+                            "set train.out_dir (affseg train --out) to a writable folder") from None
+    return folder
+
+
 class Trainer:
     """Owns model, optimiser, schedule and data for one run; `run()` executes it."""
 
     def __init__(self, config: Config, callbacks: Sequence[Callback] = (), resume_from: str | Path | None = None):
         self.config = config
         self.callbacks = list(callbacks)
-        self.out_dir = Path(config.train.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = writable_folder(Path(config.train.out_dir))
         self.device = select_device(config.train.device)
         self.autocast_dtype = amp_dtype(self.device, config.train.amp)
         torch.manual_seed(config.train.seed)

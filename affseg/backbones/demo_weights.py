@@ -20,7 +20,10 @@ class MissingWeightsError(FileNotFoundError):
 
 
 def default_checkpoint(encoder: str, checkpoint: str = "") -> str | None:
-    """Resolve `model.checkpoint` to a file path, or None for random weights."""
+    """Resolve `model.checkpoint` to a file path, or None for random weights (ConfigError: unknown encoder)."""
+    from affseg.backbones.registry import check_encoder_name
+
+    check_encoder_name(encoder)
     if checkpoint == RANDOM_WEIGHTS:
         return None
     if checkpoint:

@@ -37,20 +37,20 @@ MAX_LOGIT_SCALE = math.log(100.0)
 class PretrainConfig:
     """One-off contrastive pre-training of a tiny encoder on the demo set."""
 
-    root: str = "data/demo/VOCdevkit/VOC2012"
-    encoder: str = "unicl_swin_tiny"
-    out: str = "affseg/assets/unicl_swin_tiny_demo.pth"
-    steps: int = 3000
+    root: str = "data/demo/VOCdevkit/VOC2012"  # the demo set in VOC layout (`affseg make-demo` writes it)
+    encoder: str = "unicl_swin_tiny"  # registry name of the encoder to pre-train from random weights
+    out: str = "affseg/assets/unicl_swin_tiny_demo.pth"  # checkpoint (published layout) + a .json record beside it
+    steps: int = 3000  # length of the warm-up + cosine schedule, in optimiser steps
     stop_after: int = 0  # 0 = all steps; k = stop (and save) after step k of the `steps` schedule
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    image_size: int = 96
-    scale_min: float = 0.6
-    scale_max: float = 1.0
-    seed: int = 0
-    eval_every: int = 150
+    batch_size: int = 32  # images per step (their texts: all class prompts + background words)
+    lr: float = 5e-4  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up steps before the cosine decay
+    image_size: int = 96  # side of the square random crop, in pixels
+    scale_min: float = 0.6  # smallest random rescale factor before the crop
+    scale_max: float = 1.0  # largest random rescale factor before the crop
+    seed: int = 0  # seed of weights, crops and batch order
+    eval_every: int = 150  # zero-shot evaluation (and checkpoint) every this many steps
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 

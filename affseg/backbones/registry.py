@@ -9,8 +9,15 @@ from affseg.backbones.checkpoint import load_openai_clip, load_unicl
 from affseg.backbones.clip_vit import CLIP_CONFIGS, ClipVitEncoder
 from affseg.backbones.hf_clip import is_hf_folder, load_hf_clip
 from affseg.backbones.unicl import UNICL_CONFIGS, UniCLEncoder
+from affseg.config import ConfigError
 
 ENCODER_NAMES: tuple[str, ...] = (*UNICL_CONFIGS, *CLIP_CONFIGS)
+
+
+def check_encoder_name(name: str) -> None:
+    """ConfigError (one line, naming `model.encoder` and the registered names) unless `name` is registered."""
+    if name not in ENCODER_NAMES:
+        raise ConfigError(f"model.encoder: unknown encoder {name!r}; choose one of: {', '.join(ENCODER_NAMES)}")
 
 
 def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> DualEncoder:
@@ -22,7 +29,7 @@ def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> Dua
             ``CLIPModel.save_pretrained`` folder with ``config.json``); None gives random weights.
 
     Raises:
-        ValueError: unknown name. ``CheckpointError`` (a ValueError): unreadable or mismatching file.
+        ConfigError: unknown name. ``CheckpointError`` (a ValueError): unreadable or mismatching file.
     """
     if name in UNICL_CONFIGS:
         encoder: DualEncoder = UniCLEncoder(UNICL_CONFIGS[name])
@@ -37,5 +44,5 @@ def build_encoder(name: str, checkpoint: str | os.PathLike | None = None) -> Dua
         else:
             encoder = load_openai_clip(checkpoint, config)
     else:
-        raise ValueError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODER_NAMES)}")
+        check_encoder_name(name)
     return encoder.freeze()
