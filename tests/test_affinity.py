@@ -86,3 +86,18 @@ def test_combine_affinities():
     assert torch.allclose(out[0], 0.5 * torch.full((2, 2), 0.4))  # mean(0.6, 0.2) · 0.5
     assert torch.allclose(out[1], 0.5 * layers[1].mean(dim=0))  # nothing kept → all layers
     assert torch.allclose(combine_affinities(None, layers), layers.mean(dim=1))
+
+
+def test_signed_deviation_sums_elementwise_differences():
+    """SPEC §5.1: S^l = Σ(A_f − A^l) in float32, never ΣA_f − ΣA^l (which keeps other layers here)."""
+    grid_cells = 400  # a 20×20 grid, as on VOC-sized crops
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(1, grid_cells, grid_cells, generator=generator)
+    noise = 1e-6 * torch.randn(1, 4, grid_cells, grid_cells, generator=generator)
+    aff_enc = (base.unsqueeze(1) + noise).clamp(0, 1)  # four nearly identical layers
+    aff_dec = torch.rand(1, grid_cells, grid_cells, generator=generator)
+    elementwise = (aff_dec.unsqueeze(1) - aff_enc).sum(dim=(-2, -1))
+    difference_of_sums = aff_dec.sum(dim=(-2, -1)).unsqueeze(1) - aff_enc.sum(dim=(-2, -1))
+    expected = elementwise <= elementwise.mean(dim=1, keepdim=True)
+    assert not torch.equal(expected, difference_of_sums <= difference_of_sums.mean(dim=1, keepdim=True))
+    assert torch.equal(select_layers(aff_dec, aff_enc, "signed"), expected)

@@ -44,12 +44,15 @@ def select_layers(aff_dec: Tensor, aff_enc: Tensor, deviation: Deviation = "abs"
 
     aff_dec: (B, N, N); aff_enc: (B, K, N, N) — the candidates. Returns keep (B, K) bool:
     S^l ≤ mean_l S^l, with S^l = Σ_ij |A_f − A^l| (`abs`, the paper) or Σ_ij (A_f − A^l)
-    (`signed`, the reference code; then S^l = ΣA_f − ΣA^l, so the choice ignores A_f).
+    (`signed`, the reference code; mathematically ΣA_f − ΣA^l, so the choice ignores A_f).
+    Both sum the element-wise differences (SPEC §5.1): in float32 the difference of sums rounds
+    otherwise, and the layer scores lie so close that it keeps other layers than the reference.
     """
+    difference = aff_dec.unsqueeze(1) - aff_enc  # (B, K, N, N)
     if deviation == "abs":
-        scores = (aff_dec.unsqueeze(1) - aff_enc).abs().sum(dim=(-2, -1))
+        scores = difference.abs().sum(dim=(-2, -1))
     elif deviation == "signed":
-        scores = aff_dec.sum(dim=(-2, -1)).unsqueeze(1) - aff_enc.sum(dim=(-2, -1))
+        scores = difference.sum(dim=(-2, -1))
     else:
         raise ValueError(f"unknown deviation {deviation!r}; choose abs or signed")
     return scores <= scores.mean(dim=1, keepdim=True)
