@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from affseg.config import ModelConfig
 from affseg.data.classes import NUM_CLASSES
+from affseg.grid import grid_to_pixels
 
 
 class BlockMLP(nn.Module):
@@ -60,6 +61,7 @@ class SegDecoder(nn.Module):
 
     def forward(self, blocks: list[Tensor], out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """blocks: (B, C_k, h_k, w_k) each; those off the first block's h×w are resized (bilinear).
+        out_size: (H, W) of the image the stride-16 grid was computed from.
 
         Returns (logits (B, num_classes, *out_size), fused F_u (B, d, h, w)).
         """
@@ -78,5 +80,5 @@ class SegDecoder(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens)
         tokens = self.norm(tokens).transpose(1, 2).reshape(batch, dim, height, width)
-        logits = F.interpolate(self.head(tokens), size=out_size, mode="bilinear", align_corners=False)
+        logits = grid_to_pixels(self.head(tokens), out_size)  # SPEC §5.1: padded extent, then crop
         return logits, fused

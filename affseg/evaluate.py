@@ -20,7 +20,6 @@ from affseg.metrics import ConfusionMatrix, SegmentationScores
 from affseg.model import UniClAffSeg, build_model
 from affseg.train import load_checkpoint, select_device
 
-SIZE_MULTIPLE = 32  # the encoder pads to this; resizing to it avoids padded borders in the logits
 
 
 @dataclass
@@ -66,7 +65,7 @@ def predict_probs(model: UniClAffSeg, image: torch.Tensor, cfg: EvalConfig) -> t
     total = torch.zeros(1, 21, *target, device=image.device)
     count = 0
     for scale in cfg.scales:
-        size = tuple(max(SIZE_MULTIPLE, round(s * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for s in target)
+        size = tuple(max(1, round(side * scale)) for side in target)  # the exact aspect ratio (SPEC §5.1)
         scaled = _resize(image, size)
         views = [scaled, scaled.flip(-1)] if cfg.flip else [scaled]
         for index, view in enumerate(views):

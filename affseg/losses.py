@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
+from affseg.grid import pixels_to_grid
 
 SegLoss = Literal["balanced", "plain"]
 AffLoss = Literal["linear", "bce"]
@@ -57,13 +58,13 @@ def radius_mask(grid: tuple[int, int], radius: int, device: torch.device | None 
 def affinity_labels(pseudo: Tensor, grid: tuple[int, int], radius: int) -> tuple[Tensor, Tensor]:
     """Same-label / different-label pairs of the pseudo-label on the h×w grid (eq. 3.20).
 
-    pseudo: (B, H, W) long, IGNORE_INDEX ignored; it is downsampled to `grid` with
-    nearest neighbour. A pair (i, j) counts only when both cells carry a label and
+    pseudo: (B, H, W) long, IGNORE_INDEX ignored; it is sampled onto `grid` (the
+    first pixel of each cell, `affseg.grid.pixels_to_grid`). A pair (i, j) counts only when both cells carry a label and
     lie within `radius` cells (Chebyshev distance). The pair i = j is kept (a
     positive: A_p(i, i) = 1 by eq. 3.20).
     Returns (positive (B, N, N) bool, negative (B, N, N) bool).
     """
-    small = F.interpolate(pseudo[:, None].float(), size=grid, mode="nearest").long().flatten(1)  # (B, N)
+    small = pixels_to_grid(pseudo, grid).flatten(1)  # (B, N), SPEC §5.1 grid rule
     valid = small != IGNORE_INDEX
     pairs = valid[:, :, None] & valid[:, None, :] & radius_mask(grid, radius, pseudo.device)
     same = small[:, :, None] == small[:, None, :]

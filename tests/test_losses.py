@@ -55,8 +55,8 @@ def test_radius_mask_is_chebyshev():
 
 
 def test_affinity_labels_on_two_by_two_grid():
-    pseudo = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 9, 9], [1, 1, 9, 9]]])
-    pseudo[:, 2:, 2:] = IGNORE_INDEX  # nearest downsampling → [[0, 1], [1, ignore]]
+    cells = torch.tensor([[[0, 1], [1, IGNORE_INDEX]]])
+    pseudo = cells.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)  # 16-px cells → [[0, 1], [1, ignore]]
     positive, negative = affinity_labels(pseudo, (2, 2), radius=1)
     pos = torch.zeros(4, 4, dtype=torch.bool)
     for i, j in [(0, 0), (1, 1), (2, 2), (1, 2), (2, 1)]:
@@ -70,7 +70,7 @@ def test_affinity_labels_on_two_by_two_grid():
 
 
 AFF = torch.tensor([[[0.9, 0.2, 0.3, 0.5], [0.2, 0.8, 0.6, 0.5], [0.3, 0.6, 0.7, 0.5], [0.5, 0.5, 0.5, 0.5]]])
-PSEUDO = torch.tensor([[[0, 1], [1, IGNORE_INDEX]]])  # grid = image size
+PSEUDO = torch.tensor([[[0, 1], [1, IGNORE_INDEX]]]).repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)  # 2×2 cells of 16 px
 
 
 def test_linear_affinity_loss():
@@ -90,7 +90,7 @@ def test_bce_affinity_loss():
 
 
 def test_affinity_loss_empty_negatives_contribute_zero():
-    uniform = torch.zeros(1, 2, 2, dtype=torch.long)
+    uniform = torch.zeros(1, 32, 32, dtype=torch.long)  # 2×2 cells of 16 px, one label
     aff = AFF.clone().requires_grad_(True)
     loss = affinity_loss(aff, uniform, (2, 2), radius=1, mode="linear")
     assert loss.item() == pytest.approx(0.5 * (1 - AFF).mean().item(), rel=1e-6)

@@ -19,6 +19,9 @@ def test_add_background_power_and_constant():
     assert torch.allclose(constant[0, 0], torch.full((1, 2), 0.45))
 
 
+CELL = 16  # pixels per grid cell: the maps below are stride-16 grid maps (SPEC §5.1)
+
+
 def _images(height: int, width: int) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
 
@@ -29,12 +32,12 @@ def test_absent_classes_never_chosen():
     maps[0, 3, :2] = 1.0  # present class 3 on the top half
     labels = torch.zeros(1, 20)
     labels[0, 3] = 1
-    for use_par in (False, True):
-        out = pseudo_labels(maps, labels, _images(16, 16), RefineConfig(), use_par=use_par)
-        assert out.shape == (1, 16, 16)
+    for use_par in (False, True):  # a 4×4 grid covers a 64×64 image (stride 16)
+        out = pseudo_labels(maps, labels, _images(64, 64), RefineConfig(), use_par=use_par)
+        assert out.shape == (1, 64, 64)
         assert set(out.unique().tolist()) == {0, 4}  # background and VOC index 3 + 1
-    plain = pseudo_labels(maps, labels, _images(16, 16), RefineConfig(), use_par=False)
-    assert (plain[0, :6] == 4).all() and (plain[0, 10:] == 0).all()
+    plain = pseudo_labels(maps, labels, _images(64, 64), RefineConfig(), use_par=False)
+    assert (plain[0, :24] == 4).all() and (plain[0, 40:] == 0).all()
 
 
 def test_argmax_over_present_classes_in_voc_space():
@@ -44,9 +47,10 @@ def test_argmax_over_present_classes_in_voc_space():
     labels = torch.zeros(2, 20)
     labels[0, [0, 19]] = 1
     labels[1, 7] = 1
-    out = pseudo_labels(maps, labels, _images(2, 2).repeat(2, 1, 1, 1), RefineConfig(), use_par=False)
-    assert out[0].tolist() == [[1, 0], [0, 20]]
-    assert out[1].tolist() == [[8, 8], [0, 0]]
+    out = pseudo_labels(maps, labels, _images(32, 32).repeat(2, 1, 1, 1), RefineConfig(), use_par=False)
+    centres = out[:, CELL // 2::CELL, CELL // 2::CELL]  # the pixel at each cell's centre
+    assert centres[0].tolist() == [[1, 0], [0, 20]]
+    assert centres[1].tolist() == [[8, 8], [0, 0]]
 
 
 def test_ignore_band():
@@ -55,10 +59,11 @@ def test_ignore_band():
     labels = torch.zeros(1, 20)
     labels[0, 2] = 1
     cfg = RefineConfig(ignore_band=True, low_threshold=0.25, high_threshold=0.7)
-    out = pseudo_labels(maps, labels, _images(1, 5), cfg, use_par=False)
-    assert out[0, 0].tolist() == [0, 0, IGNORE_INDEX, 3, 3]
-    off = pseudo_labels(maps, labels, _images(1, 5), RefineConfig(), use_par=False)
-    assert off[0, 0].tolist() == [0, 0, 0, 3, 3]  # bg = 1 − 0.5 ties with fg 0.5: background wins
+    probe = CELL // 2 - 1  # just left of each cell's centre: cell 2 reads 0.4875 there, bg 0.5125
+    out = pseudo_labels(maps, labels, _images(CELL, 5 * CELL), cfg, use_par=False)
+    assert out[0, probe, probe::CELL].tolist() == [0, 0, IGNORE_INDEX, 3, 3]
+    off = pseudo_labels(maps, labels, _images(CELL, 5 * CELL), RefineConfig(), use_par=False)
+    assert off[0, probe, probe::CELL].tolist() == [0, 0, 0, 3, 3]  # 0.4875 < bg 0.5125: background
 
 
 def test_ignore_band_after_par_uses_unscaled_scores():

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from affseg.cam import minmax_normalise
 from affseg.config import RefineConfig
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
+from affseg.grid import grid_to_pixels
 from affseg.refine.affinity import combine_affinities, select_layers
 from affseg.refine.par import par
 from affseg.refine.random_walk import box_masks, random_walk, transition_matrix
@@ -81,7 +81,7 @@ def pseudo_labels(fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineCo
     classes, valid = _present_first(labels)  # (B, S)
     grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
     grid = minmax_normalise(grid) * valid[:, :, None, None]
-    fg = F.interpolate(grid, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    fg = grid_to_pixels(grid, images.shape[-2:])  # SPEC §5.1: padded extent, then crop
     scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
     if use_par:
         scores = par(images, scores, cfg.par)
