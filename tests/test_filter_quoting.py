@@ -2,9 +2,10 @@
 
 import pytest
 
-from affseg.config import TrackingConfig
+from test_tracking import store  # noqa: F401  (the fixture: a fresh tracking store with one parent run)
+
 from affseg.sweep import promote
-from affseg.sweep.tracking import open_experiment, parent_run, quote_filter_value, tag_filter
+from affseg.sweep.tracking import parent_run, quote_filter_value, tag_filter
 
 
 def test_quote_picks_the_free_quote():
@@ -16,12 +17,10 @@ def test_quote_picks_the_free_quote():
     assert tag_filter({"a": "1", "b": "it's"}) == "tags.`a` = '1' AND tags.`b` = \"it's\""
 
 
-def test_promote_finds_sweeps_whose_names_hold_quotes(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = TrackingConfig(mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
-    client, experiment_id = open_experiment(cfg)
+def test_promote_finds_sweeps_whose_names_hold_quotes(store, tmp_path):
+    client, ref = store
+    experiment_id = ref.experiment_id
     space = tmp_path / "space.yaml"
-    space.write_text("parameters: {}\n")
     parents = {name: parent_run(client, experiment_id, name, [space], {"space": "space"}) for name in ("x'", 'y"')}
     for name, run_id in parents.items():
         assert promote._parent(client, experiment_id, name).info.run_id == run_id
