@@ -87,6 +87,7 @@ class RefineConfig:
     sinkhorn_iters: int = 3
     box_threshold: float = 0.4
     box_mask: Literal["output", "source"] = "output"
+    box_clip: Literal["inclusive", "reference"] = "inclusive"  # reference: WeCLIP's exclusive fill + uint8 threshold
     refine_start: float = 1 / 3  # fraction of the schedule before A_f joins the refinement
     background: Literal["power", "constant"] = "power"
     bg_power: float = 1.0

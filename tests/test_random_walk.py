@@ -120,3 +120,49 @@ def test_box_masks_match_scipy_on_random_maps():
     for b in range(3):
         for k in range(4):
             assert np.array_equal(boxes[b, k].numpy(), _scipy_boxes(cams[b, k].numpy(), 0.4))
+
+
+def _one_map(values: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(values)[None, None]  # (1, 1, h, w)
+
+
+def test_box_clip_last_column_region():
+    cams = torch.zeros(1, 1, 3, 4)
+    cams[0, 0, 0, 0] = 1.0  # region A: top-left cell
+    cams[0, 0, 1:, 3] = 1.0  # region B: only in the last column
+    inclusive = box_masks(cams, 0.5, "inclusive")[0, 0]
+    reference = box_masks(cams, 0.5, "reference")[0, 0]
+    assert inclusive[1:, 3].all() and inclusive.sum() == 3
+    # reference: B's box is [y0:min(3, 2), x0:min(4, 3)] = [1:2, 3:3] → empty; A keeps [0:1, 0:1]
+    expected = torch.zeros(3, 4, dtype=torch.bool)
+    expected[0, 0] = True
+    assert torch.equal(reference, expected)
+
+
+def test_box_clip_reference_fills_exclusively_inside():
+    cams = torch.zeros(1, 1, 5, 5)
+    cams[0, 0, 1:3, 1:4] = 1.0  # rows 1–2, columns 1–3: away from the border
+    reference = box_masks(cams, 0.5, "reference")[0, 0]
+    assert torch.equal(reference, cams[0, 0] > 0)  # cv2 box x+w is exclusive: same rectangle
+
+
+def test_box_clip_reference_quantises_before_threshold():
+    cams = _one_map([[1.0, 0.402, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # 0.402 > 0.4 · 1, but quantised: int(0.402 · 255) = 102, not above 0.4 · 255 = 102
+    inclusive = box_masks(cams, 0.4, "inclusive")[0, 0]
+    reference = box_masks(cams, 0.4, "reference")[0, 0]
+    assert inclusive[0, 1] and not reference[0, 1]
+    assert reference[0, 0]
+
+
+def test_box_masks_only_present_maps_same_as_all():
+    torch.manual_seed(3)
+    cams = torch.rand(3, 20, 7, 9) ** 3
+    cams[:, ::2] = 0.0  # absent classes are zero
+    for clip in ("inclusive", "reference"):
+        fast = box_masks(cams, 0.4, clip)
+        one_by_one = torch.stack(
+            [torch.stack([box_masks(cams[b : b + 1, k : k + 1], 0.4, clip)[0, 0] for k in range(20)]) for b in range(3)]
+        )
+        assert torch.equal(fast, one_by_one)
+        assert not fast[:, ::2].any()

@@ -32,7 +32,7 @@ def refine_cams(cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: Refi
         keep = select_layers(aff_dec, candidates, cfg.deviation)
         affinity = combine_affinities(aff_dec, candidates, keep)
     transition = transition_matrix(affinity, cfg.sinkhorn_iters)
-    boxes = box_masks(cams, cfg.box_threshold)
+    boxes = box_masks(cams, cfg.box_threshold, cfg.box_clip)
     return random_walk(transition, cams, cfg.alpha, boxes, cfg.box_mask)
 
 

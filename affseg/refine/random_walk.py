@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BoxMode = Literal["output", "source"]
+BoxClip = Literal["inclusive", "reference"]
+
+QUANT_LEVELS = 255  # `reference` box clipping thresholds the CAM quantised to uint8 (×255)
 
 SUM_FLOOR = 1e-12  # a row/column of R summing to 0 is divided by this instead (stays 0)
 
@@ -56,34 +59,63 @@ def _component_labels(mask: Tensor) -> Tensor:
         labels = grown
 
 
-def box_masks(cams: Tensor, threshold: float) -> Tensor:
+def _active_cells(flat: Tensor, threshold: float, clip: BoxClip) -> Tensor:
+    """Cells strictly above `threshold · max` of their map. flat: (M, h, w) → (M, h, w) bool.
+
+    `reference` first quantises like the reference's `(cam * 255).astype(uint8)` (truncation
+    toward zero for values in [0, 1]; clamped so values outside stay defined), then compares
+    with `threshold · max` of the quantised map; cv2's `q > int(t)` equals `q > t` for integer q.
+    """
+    if clip == "reference":
+        flat = (flat.clamp(0, 1) * QUANT_LEVELS).to(torch.uint8).to(torch.float64)
+    elif clip != "inclusive":
+        raise ValueError(f"unknown box clip {clip!r}; choose inclusive or reference")
+    peak = flat.flatten(1).amax(dim=1).view(-1, 1, 1)
+    return (flat > threshold * peak) & (peak > 0)
+
+
+def box_masks(cams: Tensor, threshold: float, clip: BoxClip = "inclusive") -> Tensor:
     """Union of the bounding rectangles of each map's high-activation regions.
 
     cams: (B, K, h, w). A cell is active when cam > threshold · max of its map;
-    active cells form 8-connected regions; each region's bounding rectangle
-    (inclusive of its last row and column, at the border too) is set, and the
-    rectangles are OR-ed. A map with max ≤ 0 (absent class) has no active cell.
+    active cells form 8-connected regions; each region's bounding rectangle is set,
+    and the rectangles are OR-ed. `inclusive`: the rectangle keeps its last row and
+    column (at the border too). `reference` (SPEC §5.1): the exclusive end is clipped
+    to w−1/h−1 and filled exclusively, so the last row/column is never included, and
+    the CAM is quantised to uint8 first. Only maps with a positive peak (present
+    classes; absent ones are zero) are computed; the others have no box.
     Returns (B, K, h, w) bool.
     """
     batch, classes, height, width = cams.shape
     flat = cams.reshape(batch * classes, height, width)
-    peak = flat.flatten(1).amax(dim=1).view(-1, 1, 1)
-    active = (flat > threshold * peak) & (peak > 0)
+    present = flat.flatten(1).amax(dim=1) > 0
+    out = torch.zeros(batch * classes, height, width, dtype=torch.bool, device=cams.device)
+    if present.any():
+        out[present] = _union_of_boxes(_active_cells(flat[present], threshold, clip), clip)
+    return out.view(batch, classes, height, width)
+
+
+def _union_of_boxes(active: Tensor, clip: BoxClip) -> Tensor:
+    """(M, h, w) bool active cells → (M, h, w) bool union of their regions' rectangles."""
+    height, width = active.shape[-2:]
     labels = _component_labels(active).flatten(1)  # (M, N), 0 = none
 
     maps, cells = labels.shape
-    rows = torch.arange(height, device=cams.device).repeat_interleave(width).expand(maps, cells)
-    cols = torch.arange(width, device=cams.device).repeat(height).expand(maps, cells)
+    rows = torch.arange(height, device=active.device).repeat_interleave(width).expand(maps, cells)
+    cols = torch.arange(width, device=active.device).repeat(height).expand(maps, cells)
     slots = cells + 1  # one slot per possible label, slot 0 collects inactive cells
 
     def reduce(values: Tensor, how: str, start: int) -> Tensor:
-        out = torch.full((maps, slots), start, dtype=torch.long, device=cams.device)
+        out = torch.full((maps, slots), start, dtype=torch.long, device=active.device)
         return out.scatter_reduce(1, labels, values, reduce=how, include_self=True)
 
     top, bottom = reduce(rows, "amin", height), reduce(rows, "amax", -1)
     left, right = reduce(cols, "amin", width), reduce(cols, "amax", -1)
     real = bottom >= 0
     real[:, 0] = False
+    if clip == "reference":  # exclusive end min(last + 1, size − 1): last kept index ≤ size − 2
+        bottom, right = bottom.clamp(max=height - 2), right.clamp(max=width - 2)
+        real &= (bottom >= top) & (right >= left)
 
     # 2-D difference array: +1 at the top-left corner of each rectangle, −1 just past its
     # right and bottom edges, +1 past both; its 2-D prefix sum counts covering rectangles.
@@ -91,12 +123,12 @@ def box_masks(cams: Tensor, threshold: float) -> Tensor:
     top, bottom, left, right = (t.clamp(min=0) for t in (top, bottom, left, right))
     below = (bottom + 1) * stride
     corners = torch.cat([top * stride + left, top * stride + right + 1, below + left, below + right + 1], dim=1)
-    signs = torch.tensor([1, -1, -1, 1], device=cams.device).repeat_interleave(slots)
+    signs = torch.tensor([1, -1, -1, 1], device=active.device).repeat_interleave(slots)
     weights = signs * real.repeat(1, 4)  # (M, 4·slots); unused slots add nothing
-    diff = torch.zeros(maps, (height + 1) * stride, dtype=torch.long, device=cams.device)
+    diff = torch.zeros(maps, (height + 1) * stride, dtype=torch.long, device=active.device)
     diff.scatter_add_(1, corners, weights)
     cover = diff.view(maps, height + 1, width + 1).cumsum(dim=1).cumsum(dim=2)
-    return (cover[:, :height, :width] > 0).view(batch, classes, height, width)
+    return cover[:, :height, :width] > 0
 
 
 def random_walk(transition: Tensor, cams: Tensor, alpha: int, boxes: Tensor, mode: BoxMode = "output") -> Tensor:
