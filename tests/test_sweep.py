@@ -84,15 +84,65 @@ def test_promote_registers_champion_with_bundled_encoder(real_sweep, monkeypatch
     assert Path(resolved.encoder_checkpoint).parent == resolved.checkpoint.parent  # bundled (12 MB < 50 MB)
     assert sha256(Path(resolved.encoder_checkpoint)) == sha256(encoder)
 
-    model = mlflow.pyfunc.load_model(str(resolved.checkpoint.parent.parent))
+    model_dir = resolved.checkpoint.parent.parent
+    model = mlflow.pyfunc.load_model(str(model_dir))
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    masks = model.predict([image, image[:32]])
-    assert [m.shape for m in masks] == [(48, 64), (32, 64)]
-    assert masks[0].dtype == np.uint8 and masks[0].max() <= 20
-    assert np.array_equal(model.predict(image)[0], masks[0])  # deterministic, one image works too
+    masks = model.predict(np.stack([image, image[:, ::-1]]))
+    assert masks.shape == (2, 48, 64) and masks.dtype == np.uint8 and masks.max() <= 20
+    assert np.array_equal(model.predict(image[None])[0], masks[0])  # deterministic, a batch of one works too
+    assert model.predict(image[None, :32]).shape == (1, 32, 64)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.mlflow_uri)
     assert evaluate_registered("models:/affseg/1", split="val", limit=2) == 0
+
+
+def test_promoted_model_is_code_with_signature_and_pinned_requirements(real_sweep, monkeypatch):
+    """Saved from code (no pickled Python object), with a signature and the installed versions pinned."""
+    import importlib.metadata
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from affseg.sweep import promote as promotion
+
+    summary, work, _ = real_sweep
+    monkeypatch.chdir(work)
+    tracking = _tracking(work)
+    resolved = promotion.resolve_model_uri(promotion.promote(summary.name, tracking), tracking)
+    model_dir = resolved.checkpoint.parent.parent
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors["python_function"]
+    assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
+    assert not list(model_dir.rglob("*.pkl")) and (model_dir / flavor["code"] / "affseg" / "evaluate.py").is_file()
+    signature = Model.load(str(model_dir / "MLmodel")).signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}]
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    for name in ("torch", "timm", "open-clip-torch", "numpy", "pillow", "mlflow"):
+        assert f"{name}=={importlib.metadata.version(name)}" in requirements
+    assert not any(line.startswith(("affseg", "ray", "optuna")) for line in requirements)
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="dtype"):
+        model.predict(np.zeros((1, 32, 32, 3), np.float32))  # the signature is enforced
+
+
+def test_changed_decoder_checkpoint_is_refused(real_sweep, monkeypatch):
+    import mlflow.pyfunc
+
+    from affseg.sweep import promote as promotion
+
+    summary, work, _ = real_sweep
+    monkeypatch.chdir(work)
+    tracking = _tracking(work)
+    uri = promotion.promote(summary.name, tracking)
+    resolved = promotion.resolve_model_uri(uri, tracking)
+    record = json.loads((resolved.checkpoint.parent / "promoted.json").read_text())
+    assert record["decoder"]["sha256"] == promotion.sha256(resolved.checkpoint)
+    with open(resolved.checkpoint, "ab") as file:
+        file.write(b"tampered")
+    with pytest.raises(promotion.PromotionError, match=r"decoder checkpoint changed since promotion") as info:
+        promotion.resolve_model_uri(uri, tracking)
+    assert "\n" not in str(info.value) and str(resolved.checkpoint) in str(info.value)
+    with pytest.raises(Exception, match=r"decoder checkpoint changed since promotion"):
+        mlflow.pyfunc.load_model(str(resolved.checkpoint.parent.parent))
 
 
 def test_large_encoder_is_referenced_and_checked(real_sweep, monkeypatch):
@@ -105,7 +155,7 @@ def test_large_encoder_is_referenced_and_checked(real_sweep, monkeypatch):
     uri = promotion.promote(summary.name, tracking)
     resolved = promotion.resolve_model_uri(uri, tracking)
     assert resolved.encoder_checkpoint == str(encoder)  # referenced by path, not copied
-    record = json.loads((resolved.checkpoint.parent / "encoder.json").read_text())
+    record = json.loads((resolved.checkpoint.parent / "promoted.json").read_text())["encoder"]
     assert record["bundled"] is False and record["sha256"] == promotion.sha256(encoder)
     with open(encoder, "ab") as file:
         file.write(b"tampered")

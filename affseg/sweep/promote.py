@@ -2,8 +2,11 @@
 with alias `champion`; and back: `models:/affseg@champion` → a local decoder checkpoint + encoder weights.
 
 The model bundles the decoder checkpoint (`best.pt`, which holds the training config) and the encoder:
-the weights file itself when small (the tiny demo encoder), otherwise its path and sha256, checked when
-the model is loaded. Serving: `mlflow.pyfunc.load_model(uri).predict(images)` → masks.
+the weights file itself when small (the tiny demo encoder), otherwise its path. `promoted.json` records
+the sha256 of both; loading (pyfunc or `affseg evaluate --model`) refuses a file that changed.
+The model is saved from code (`pyfunc_model.py`, MLflow models-from-code; no pickled Python object),
+with the affseg package as its code path, an explicit signature and pinned requirements.
+Serving: `mlflow.pyfunc.load_model(uri).predict(images)`: (N, H, W, 3) uint8 → (N, H, W) uint8 masks.
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import mlflow.artifacts
 import mlflow.exceptions
 import mlflow.pyfunc
 import numpy as np
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from packaging.requirements import Requirement
 
+import affseg
 from affseg.backbones.demo_weights import RANDOM_WEIGHTS, default_checkpoint
 from affseg.config import Config, ConfigError, TrackingConfig, from_dict
 from affseg.train import BEST_CHECKPOINT, load_checkpoint
@@ -37,11 +43,20 @@ MODEL_NAME = "affseg"
 CHAMPION_ALIAS = "champion"
 BUNDLE_LIMIT_BYTES = 50 * 1024**2  # encoders smaller than this travel inside the model
 MODEL_ARTIFACT_DIR = "model"  # each promotion logs its pyfunc model at model/<UTC time> in the best trial's run
-ENCODER_RECORD = "encoder.json"
+MODEL_RECORD = "promoted.json"  # {"decoder": {sha256, bytes}, "encoder": encoder_record(...)}
 MODEL_CACHE = Path("runs/models")  # registered versions downloaded for evaluation
 HASH_CHUNK_BYTES = 1024**2
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
-ARTIFACT_KEYS = ("checkpoint", "encoder", "encoder_record")  # names inside the pyfunc model
+ARTIFACT_KEYS = ("checkpoint", "encoder", "record")  # names inside the pyfunc model
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the models-from-code file
+PACKAGE_DIR = Path(affseg.__file__).parent  # travels with the model as its code path
+PACKAGE_SKIP = ("__pycache__", "*.pyc", "*.pth")  # not copied: caches and weights (the encoder is an artifact)
+SWEEP_ONLY_REQUIREMENTS = frozenset({"ray", "optuna", "optuna-dashboard"})  # serving never imports these
+SIGNATURE = ModelSignature(  # RGB images of one size in, VOC class-index masks (0..20) out
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+)
+EXAMPLE_SIDE = 32  # the stored input example: one black EXAMPLE_SIDE² image
 
 
 class PromotionError(ConfigError):
@@ -78,37 +93,35 @@ def encoder_record(config: Config) -> dict:
             "bundled": size < BUNDLE_LIMIT_BYTES}
 
 
+def checked_file(path: Path, expected: str, what: str) -> Path:
+    """`path` if its sha256 is `expected`; else a one-line PromotionError naming the file."""
+    if not path.is_file():
+        raise PromotionError(f"{path}: {what} of the promoted model are missing; restore the file or promote again")
+    found = sha256(path)
+    if found != expected:
+        raise PromotionError(f"{path}: {what} changed since promotion (sha256 {found[:12]}… != "
+                             f"{expected[:12]}…); restore the file or promote again")
+    return path
+
+
 def checked_encoder(record: dict, bundled: Path | None) -> str:
     """The encoder weights file to load (its sha256 verified), or "random"."""
     if record["path"] == RANDOM_WEIGHTS:
         return RANDOM_WEIGHTS
     path = bundled if bundled is not None else Path(record["path"])
-    if not path.is_file():
-        raise PromotionError(f"{path}: encoder weights of the promoted model are missing; restore the file or promote again")
-    found = sha256(path)
-    if found != record["sha256"]:
-        raise PromotionError(f"{path}: encoder weights changed since promotion (sha256 {found[:12]}… != "
-                             f"{record['sha256'][:12]}…); restore the file or promote again")
-    return str(path)
+    return str(checked_file(path, record["sha256"], "encoder weights"))
 
 
-class AffsegModel(mlflow.pyfunc.PythonModel):
-    """The promoted model: images in, VOC class-index masks out (multi-scale + flip, per the checkpoint's
-    eval config)."""
-
-    def load_context(self, context) -> None:
-        from affseg.evaluate import load_predictor
-
-        artifacts = context.artifacts
-        record = json.loads(Path(artifacts["encoder_record"]).read_text())
-        encoder = checked_encoder(record, Path(artifacts["encoder"]) if "encoder" in artifacts else None)
-        self._predict = load_predictor(artifacts["checkpoint"], encoder_checkpoint=encoder)
-
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> list[np.ndarray]:
-        """One (H, W, 3) uint8 image, a list of them, or an (N, H, W, 3) array → list of (H, W) uint8 masks."""
-        single = isinstance(model_input, np.ndarray) and model_input.ndim == 3
-        images = [model_input] if single else list(model_input)
-        return [self._predict(np.asarray(image, dtype=np.uint8)) for image in images]
+def checked_artifacts(artifacts: Mapping[str, Path]) -> tuple[Path, str]:
+    """A promoted model's artifact paths (keys of ARTIFACT_KEYS) → (decoder checkpoint, encoder weights),
+    both verified against the sha256 in `promoted.json`."""
+    record_path = artifacts.get("record")
+    if record_path is None:
+        raise PromotionError(f"{artifacts['checkpoint'].parent}: promoted model has no {MODEL_RECORD} "
+                             "(promoted by an older affseg); promote again")
+    record = json.loads(Path(record_path).read_text())
+    checkpoint = checked_file(Path(artifacts["checkpoint"]), record["decoder"]["sha256"], "decoder checkpoint")
+    return checkpoint, checked_encoder(record["encoder"], artifacts.get("encoder"))
 
 
 # ---------------------------------------------------------------- promote
@@ -141,17 +154,34 @@ def best_trial_run(client: MlflowClient, experiment_id: str, sweep: str | None =
     raise PromotionError(f"sweep {parent.data.tags[SWEEP_TAG]!r} has no finished trial with a best checkpoint")
 
 
+def pinned_requirements() -> list[str]:
+    """affseg's runtime requirements (from its installed metadata) minus the sweep-only ones, each pinned
+    to the installed version: `torch==2.14.1`, `numpy==2.3.1`, ... (affseg itself travels as code)."""
+    try:
+        declared = importlib.metadata.requires("affseg") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise PromotionError("affseg is not installed (no package metadata); run `make setup` first") from None
+    requirements = [Requirement(text) for text in declared]
+    names = [r.name for r in requirements if r.marker is None and r.name not in SWEEP_ONLY_REQUIREMENTS]
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
+
+
 def _save_pyfunc(checkpoint: Path, out: Path) -> None:
+    """Write the pyfunc model to `out` (a folder that must not exist); scratch files go beside it."""
     config = from_dict(load_checkpoint(checkpoint)["config"])
-    record = encoder_record(config)
-    record_path = out.parent / ENCODER_RECORD
+    encoder = encoder_record(config)
+    record = {"decoder": {"sha256": sha256(checkpoint), "bytes": checkpoint.stat().st_size}, "encoder": encoder}
+    record_path = out.parent / MODEL_RECORD
     record_path.write_text(json.dumps(record, indent=1))
-    artifacts = {"checkpoint": str(checkpoint), "encoder_record": str(record_path)}
-    if record["bundled"]:
-        artifacts["encoder"] = record["path"]
+    artifacts = {"checkpoint": str(checkpoint), "record": str(record_path)}
+    if encoder["bundled"]:
+        artifacts["encoder"] = encoder["path"]
+    package = out.parent / "code" / PACKAGE_DIR.name
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns(*PACKAGE_SKIP))
     mlflow.pyfunc.save_model(
-        path=str(out), python_model=AffsegModel(), artifacts=artifacts,
-        pip_requirements=[f"affseg=={importlib.metadata.version('affseg')}"],
+        path=str(out), python_model=str(PYFUNC_CODE), artifacts=artifacts, code_paths=[str(package)],
+        signature=SIGNATURE, input_example=np.zeros((1, EXAMPLE_SIDE, EXAMPLE_SIDE, 3), np.uint8),
+        pip_requirements=pinned_requirements(),
     )
 
 
@@ -205,9 +235,8 @@ def resolve_model_uri(uri: str, tracking: TrackingConfig | None = None) -> Resol
             shutil.move(fetched, model_dir)
     artifacts = Model.load(str(model_dir / "MLmodel")).flavors["python_function"]["artifacts"]
     paths = {key: model_dir / artifacts[key]["path"] for key in ARTIFACT_KEYS if key in artifacts}
-    record = json.loads(paths["encoder_record"].read_text())
-    encoder = checked_encoder(record, paths.get("encoder"))
-    return ResolvedModel(paths["checkpoint"], encoder, str(version.version))
+    checkpoint, encoder = checked_artifacts(paths)
+    return ResolvedModel(checkpoint, encoder, str(version.version))
 
 
 def evaluate_registered(model_uri: str, split: str = "val", crf: bool | None = None, export: str | None = None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ from typing import Any
 
 from affseg.config import Config, ConfigError, from_dict, packaged_config, parse_override, read_yaml, set_path
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+# The repository's top-level sweeps/ folder, installed as package affseg.sweeps (pyproject.toml).
+SWEEPS_DIR = Path(str(importlib.resources.files("affseg.sweeps")))
 PROFILES_DIR = SWEEPS_DIR / "profiles"
 
 PARAM_KINDS = ("uniform", "loguniform", "int", "categorical")
