@@ -11,22 +11,34 @@ from affseg.sweep.tuner import resource_shortfall
 
 
 def test_trial_that_fits_needs_nothing():
-    assert resource_shortfall({"cpu": 2}, {"CPU": 2.0}, autoscaling=False) is None
+    assert resource_shortfall({"cpu": 2}, [{"CPU": 2.0}], autoscaling=False) is None
 
 
 def test_fixed_cluster_too_small_names_the_setting():
     with pytest.raises(ConfigError, match=r"cpus_per_trial=2") as err:
-        resource_shortfall({"cpu": 4}, {"CPU": 2.0}, autoscaling=False)
+        resource_shortfall({"cpu": 4}, [{"CPU": 2.0}, {"CPU": 1.0}], autoscaling=False)
     assert "\n" not in str(err.value)
 
 
 def test_missing_gpu_on_fixed_cluster():
     with pytest.raises(ConfigError, match="GPU"):
-        resource_shortfall({"cpu": 1, "gpu": 1}, {"CPU": 8.0}, autoscaling=False)
+        resource_shortfall({"cpu": 1, "gpu": 1}, [{"CPU": 8.0}], autoscaling=False)
+
+
+def test_a_fitting_node_anywhere_is_enough():
+    # the multi-node GPU case: a CPU-only head listed first must not hide the GPU workers (was flaky)
+    nodes = [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert resource_shortfall({"cpu": 1, "gpu": 1}, nodes, autoscaling=False) is None
+
+
+def test_resources_must_be_on_one_node():
+    nodes = [{"CPU": 4.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}]
+    with pytest.raises(ConfigError, match="on one node"):
+        resource_shortfall({"cpu": 4, "gpu": 1}, nodes, autoscaling=False)
 
 
 def test_autoscaling_cluster_waits_with_one_line():
-    line = resource_shortfall({"cpu": 4}, {"CPU": 2.0}, autoscaling=True)
+    line = resource_shortfall({"cpu": 4}, [{"CPU": 2.0}], autoscaling=True)
     assert "waiting" in line and "4 CPU" in line and "\n" not in line
 
 

@@ -330,28 +330,29 @@ def _resources(spec: SweepSpec) -> tuple[dict[str, float], int]:
     return {"cpu": spec.cpus_per_trial}, spec.concurrency
 
 
-def resource_shortfall(requested: dict[str, float], largest_node: dict[str, float], autoscaling: bool) -> str | None:
-    """None when one node can hold a trial's `requested` resources ({"cpu": 4, "gpu": 1}); else the line to
+def resource_shortfall(requested: dict[str, float], nodes: list[dict[str, float]], autoscaling: bool) -> str | None:
+    """None when some node can hold a trial's `requested` resources ({"cpu": 4, "gpu": 1}); else the line to
     print while an autoscaling cluster adds nodes. On a fixed cluster a ConfigError naming the setting.
 
-    `largest_node` holds the resources of the cluster's largest node ({"CPU": 2.0, "GPU": 0.0}): Ray places
-    a trial on one node, so the cluster's total would hide a trial that fits nowhere."""
-    short = {key: need for key, need in requested.items() if need > largest_node.get(key.upper(), 0.0)}
-    if not short:
+    `nodes` holds each alive node's resources ([{"CPU": 2.0, "GPU": 0.0}, ...]): Ray places a trial on one
+    node, so the cluster's total would hide a trial that fits nowhere, and a trial needs all it asks for on
+    the same node."""
+    if any(all(need <= node.get(key.upper(), 0.0) for key, need in requested.items()) for node in nodes):
         return None
+    most = {key: max((node.get(key.upper(), 0.0) for node in nodes), default=0.0) for key in requested}
+    short = {key: need for key, need in requested.items() if need > most[key]} or dict(requested)
     wants = ", ".join(f"{need:g} {key.upper()}" for key, need in short.items())
-    has = ", ".join(f"{largest_node.get(key.upper(), 0.0):g} {key.upper()}" for key in short)
+    has = ", ".join(f"{most[key]:g} {key.upper()}" for key in short)
     if autoscaling:
-        return f"a trial needs {wants} but the largest node has {has}: waiting for the autoscaler to add nodes"
-    fix = f"cpus_per_trial={int(largest_node.get('CPU', 0.0))}" if "cpu" in short else "a node with a GPU"
-    raise ConfigError(f"a trial needs {wants} but the largest Ray node has {has}, and the cluster does not "
-                      f"autoscale; set {fix} (sweep setting) or add nodes")
+        return f"a trial needs {wants} on one node but the nodes have at most {has}: waiting for the autoscaler"
+    fix = f"cpus_per_trial={int(most.get('cpu', 0.0))}" if "cpu" in short else "a node with a GPU"
+    raise ConfigError(f"a trial needs {wants} on one node but the Ray nodes have at most {has}, and the cluster "
+                      f"does not autoscale; set {fix} (sweep setting) or add nodes")
 
 
-def _largest_node() -> dict[str, float]:
-    """Resources of the alive Ray node with the most CPUs."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return max(nodes, key=lambda r: r.get("CPU", 0.0), default={})
+def _alive_nodes() -> list[dict[str, float]]:
+    """Resources of every alive Ray node."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def _autoscaling(started: bool) -> bool:
@@ -433,7 +434,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     started = _start_ray()
     try:
         resources, concurrency = _resources(spec)
-        waiting = resource_shortfall(resources, _largest_node(), _autoscaling(started))
+        waiting = resource_shortfall(resources, _alive_nodes(), _autoscaling(started))
         if waiting:
             print(waiting, flush=True)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
