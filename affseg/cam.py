@@ -69,16 +69,24 @@ def cam_from_gradients(acts: Tensor, grads: Tensor, method: CamMethod = "gradcam
     return cam.clamp(min=0)
 
 
-def minmax_normalise(cams: Tensor, eps: float = NORMALISE_EPS) -> Tensor:
+def minmax_normalise(cams: Tensor, eps: float = NORMALISE_EPS, cells: Tensor | None = None) -> Tensor:
     """Map every (h, w) map to [0, 1]: (x − min) / max(max − min, eps).
 
     cams: (B, K, h, w) → (B, K, h, w). A map whose range exceeds `eps` gets
-    maximum exactly 1; a constant map becomes 0.
+    maximum exactly 1; a constant map becomes 0. `cells` (B, h, w) bool, optional:
+    min and max are taken over those cells only (the image part of a padded crop,
+    SPEC §5.1) and every other cell becomes 0.
     """
     flat = cams.flatten(2)
-    low = flat.amin(dim=2, keepdim=True)
-    span = (flat.amax(dim=2, keepdim=True) - low).clamp(min=eps)
-    return ((flat - low) / span).view_as(cams)
+    if cells is None:
+        low, high = flat.amin(dim=2, keepdim=True), flat.amax(dim=2, keepdim=True)
+    else:
+        inside = cells.flatten(1).unsqueeze(1)  # (B, 1, N)
+        low = flat.masked_fill(~inside, float("inf")).amin(dim=2, keepdim=True)
+        high = flat.masked_fill(~inside, float("-inf")).amax(dim=2, keepdim=True)
+    span = (high - low).clamp(min=eps)
+    out = (flat - low) / span
+    return (out if cells is None else out * inside).view_as(cams)
 
 
 def _slot_masks(labels: Tensor) -> Tensor:
@@ -113,12 +121,14 @@ def compute_cams(
     labels: Tensor,
     cam_block: int,
     method: CamMethod = "gradcam",
+    cells: Tensor | None = None,
 ) -> tuple[Tensor, Any]:
     """CAMs of every present class, batched over images, and the encoder features.
 
     images: (B, 3, H, W) normalised as the encoder expects; labels: (B, K_fg)
     float {0, 1}; cam_block: index into `features.blocks` of the target block
-    (the caller maps the config's stride-16 index through `stage_blocks`).
+    (the caller maps the config's stride-16 index through `stage_blocks`); cells: (B, h, w)
+    bool, the image part of padded crops (`affseg.grid.grid_validity`), or None for all.
 
     One forward pass with the target block as a grad leaf, then one backward per
     present-class slot: slot s sums the target probabilities of every image's
@@ -129,7 +139,7 @@ def compute_cams(
     backward run in float32 (SPEC §5.1: fp16 flushes CAM gradients to zero).
 
     Returns (cams (B, K_fg, h, w) detached — absent classes exactly 0, present
-    ones min-max normalised to [0, 1] — and the `ImageFeatures` with every block
+    ones min-max normalised to [0, 1] over `cells`, 0 elsewhere — and the `ImageFeatures` with every block
     detached). Raises ConfigError when the whole batch's gradient at the target is
     exactly 0 (a block that does not reach the embedding), never silent background.
     """
@@ -161,7 +171,7 @@ def compute_cams(
     if len(slots):
         _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
 
-    cams = minmax_normalise(cams) * present[:, :, None, None]
+    cams = minmax_normalise(cams, cells=cells) * present[:, :, None, None]
     blocks = [block.detach() for block in features.blocks]
     features = dataclasses.replace(features, blocks=blocks, embedding=features.embedding.detach())
     return cams.detach(), features

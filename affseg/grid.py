@@ -9,6 +9,7 @@ H × W; stretching it onto H × W instead would shift it by up to 15/16 of a cel
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,3 +38,15 @@ def pixels_to_grid(labels: Tensor, grid: tuple[int, int], stride: int = GRID_STR
         raise ValueError(f"labels of {tuple(labels.shape[-2:])} px lie on a {tuple(sampled.shape[-2:])} grid, "
                          f"not {tuple(grid)}")
     return sampled
+
+
+def grid_validity(valid: Tensor, grid: tuple[int, int], stride: int = GRID_STRIDE) -> Tensor:
+    """(B, H, W) bool image pixels (False on crop padding) → (B, h, w) bool: a cell is image when any of
+    its pixels is. The encoder's own bottom/right padding counts as not image."""
+    rows, cols = grid
+    height, width = valid.shape[-2:]
+    if rows * stride < height or cols * stride < width:
+        raise ValueError(f"a {rows}x{cols} grid at stride {stride} does not cover {height}x{width} pixels")
+    padded = F.pad(valid, (0, cols * stride - width, 0, rows * stride - height), value=False)
+    blocks = padded.view(*valid.shape[:-2], rows, stride, cols, stride)
+    return torch.amax(blocks, dim=(-3, -1))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from affseg.backbones.base import GRID_STRIDE, valid_size
 from affseg.backbones.demo_weights import default_checkpoint
 from affseg.backbones.registry import build_encoder
 from affseg.cam import compute_cams
@@ -18,6 +19,7 @@ from affseg.config import Config, ModelConfig
 from affseg.data.classes import VOC_CLASSES
 from affseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from affseg.decoder import SegDecoder
+from affseg.grid import grid_validity
 from affseg.losses import affinity_loss, segmentation_loss, total_loss
 from affseg.prompts import BACKGROUND_WORDS, ZeroShotClassifier
 from affseg.refine.affinity import decoder_affinity, encoder_affinities
@@ -102,31 +104,35 @@ class UniClAffSeg(nn.Module):
         """Whether A_f joins the refinement at this iteration (SPEC §2.4 step 7)."""
         return iteration >= self.config.refine.refine_start * self.config.train.iterations
 
-    def forward(self, images: Tensor, labels: Tensor, iteration: int) -> ModelOutput:
-        """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; iteration = optimiser steps done."""
+    def forward(self, images: Tensor, labels: Tensor, iteration: int, valid: Tensor | None = None) -> ModelOutput:
+        """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; iteration = optimiser steps done;
+        valid (B, H, W) bool, False on crop padding (None = all image; SPEC §5.1: padding is ignored)."""
+        cells = None if valid is None else grid_validity(valid, valid_size(*images.shape[-2:], GRID_STRIDE))
         cams, features = compute_cams(
             self.encoder, self.classifier, self.encoder_input(images), labels, self.cam_block,
-            self.config.model.cam_method,
+            self.config.model.cam_method, cells=cells,
         )
         logits, fused = self.decoder([features.blocks[i] for i in self.decoder_blocks], images.shape[-2:])
         aff_dec = decoder_affinity(fused)
         with torch.no_grad():
-            refined, pseudo = self.pseudo_labels(images, labels, cams, features, aff_dec, iteration)
+            refined, pseudo = self.pseudo_labels(images, labels, cams, features, aff_dec, iteration, valid)
         return ModelOutput(logits=logits, aff_dec=aff_dec, cams=cams, refined=refined, pseudo=pseudo)
 
     @torch.no_grad()
-    def pseudo_labels(self, images, labels, cams, features, aff_dec, iteration) -> tuple[Tensor, Tensor]:
+    def pseudo_labels(self, images, labels, cams, features, aff_dec, iteration, valid=None) -> tuple[Tensor, Tensor]:
         """Refined maps (B, 20, h, w) and pseudo-labels (B, H, W) from CAMs and affinities.
 
         Always float32: autocast is switched off here, since under it the affinity products and the
         random walk would run in bf16/fp16 whatever the dtype of their inputs.
         """
+        cells = None if valid is None else grid_validity(valid, cams.shape[-2:])
         with torch.autocast(images.device.type, enabled=False):
             aff_enc = encoder_affinities([features.blocks[i].float() for i in self.affinity_blocks])
             decoder_aff = aff_dec.detach().float() if self.refinement_active(iteration) else None
-            refined = refine_cams(cams.float(), aff_enc, decoder_aff, self.config.refine)
+            refined = refine_cams(cams.float(), aff_enc, decoder_aff, self.config.refine, cells=cells)
             par_on = self.config.refine.par.enabled
-            return refined, pseudo_labels(refined, labels, images.float(), self.config.refine, use_par=par_on)
+            pseudo = pseudo_labels(refined, labels, images.float(), self.config.refine, use_par=par_on, valid=valid)
+            return refined, pseudo
 
     def pseudo_label_variants(self, images: Tensor, labels: Tensor, iteration: int) -> dict[str, Tensor]:
         """Pseudo-labels (B, H, W) three ways: `cam` (raw CAMs), `cam_par` (PAR only), `refined`."""

@@ -249,8 +249,9 @@ class Trainer:
             batch = next(batches)
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
+            valid = batch["valid"].to(self.device, non_blocking=True)
             with self._autocast():
-                output = self.model(images, labels, self.iteration)
+                output = self.model(images, labels, self.iteration, valid)
                 losses = self.model.losses(output)
             if not torch.isfinite(losses["loss"]):
                 self.optimiser.zero_grad(set_to_none=True)

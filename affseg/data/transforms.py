@@ -2,7 +2,8 @@
 
 Images travel as float tensors normalised with ImageNet mean/std (UniCL's own
 preprocessing); masks as int64 with IGNORE_INDEX where no label exists (crop
-padding included).
+padding included). A training crop also carries its validity mask: True on image pixels, False on the
+padding that random crop added (SPEC §5.1: padding is ignored everywhere).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class TrainAugment:
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, W, 3) uint8, (H, W) uint8 → (3, S, S) float, (S, S) int64 with S = crop_size."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H, W, 3) uint8, (H, W) uint8 → image (3, S, S) float, mask (S, S) int64, valid (S, S) bool,
+        with S = crop_size; valid is False on the crop's padding."""
         scale = rng.uniform(self.scale_min, self.scale_max)
         height, width = mask.shape
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
@@ -63,10 +65,13 @@ class TrainAugment:
         canvas[:, :new_h, :new_w] = img
         labels = torch.full((new_h + pad_h, new_w + pad_w), IGNORE_INDEX, dtype=torch.long)
         labels[:new_h, :new_w] = msk
+        valid = torch.zeros(labels.shape, dtype=torch.bool)
+        valid[:new_h, :new_w] = True
         top = int(rng.integers(0, canvas.shape[1] - size + 1))
         left = int(rng.integers(0, canvas.shape[2] - size + 1))
         canvas = canvas[:, top : top + size, left : left + size]
         labels = labels[top : top + size, left : left + size]
+        valid = valid[top : top + size, left : left + size]
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         tensor = (canvas / 255.0 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / std
-        return tensor.contiguous(), labels.contiguous()
+        return tensor.contiguous(), labels.contiguous(), valid.contiguous()

@@ -111,7 +111,7 @@ class VocSegmentation(Dataset):
     """One split of a VOC-layout folder.
 
     Items are dicts: `image` (3, H, W) float normalised, `mask` (H, W) int64 (255 ignore),
-    `labels` (20,) float multi-hot, `id` str, `index` int. With `augment`, images are
+    `valid` (H, W) bool (False on crop padding; all True without augmentation), `labels` (20,) float multi-hot, `id` str, `index` int. With `augment`, images are
     random-rescaled, cropped and flipped (H = W = crop size); without, original size.
     An unreadable file is reported once and replaced by the next readable item.
     """
@@ -159,11 +159,12 @@ class VocSegmentation(Dataset):
             raise OSError(f"{mask_path}: mask size {mask.shape} differs from image {image.shape[:2]}")
         labels = self.labels.get(image_id, np.zeros(NUM_FOREGROUND, np.float32))
         if self.augment is not None:
-            tensor, target = self.augment(image, mask, np.random.default_rng(rng_key))
+            tensor, target, valid = self.augment(image, mask, np.random.default_rng(rng_key))
         else:
             tensor, target = normalise(image), torch.from_numpy(mask.astype(np.int64))
-        return {"image": tensor, "mask": target, "labels": torch.from_numpy(np.asarray(labels, np.float32)),
-                "id": image_id, "index": index}
+            valid = torch.ones(target.shape, dtype=torch.bool)
+        return {"image": tensor, "mask": target, "valid": valid,
+                "labels": torch.from_numpy(np.asarray(labels, np.float32)), "id": image_id, "index": index}
 
     def __getitem__(self, index: int) -> dict:
         return self.get(index, (self.seed, self.epoch, index))

@@ -8,22 +8,33 @@ from torch import Tensor
 from affseg.cam import minmax_normalise
 from affseg.config import RefineConfig
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
-from affseg.grid import grid_to_pixels
+from affseg.grid import grid_to_pixels, grid_validity
 from affseg.refine.affinity import combine_affinities, select_layers
 from affseg.refine.par import par
 from affseg.refine.random_walk import box_masks, random_walk, transition_matrix
 
 
 @torch.no_grad()
-def refine_cams(cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: RefineConfig) -> Tensor:
+def refine_cams(
+    cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: RefineConfig, cells: Tensor | None = None
+) -> Tensor:
     """Affinity random walk of the CAMs (§2.4 steps 3–6).
 
     cams: (B, K_fg, h, w) raw CAMs (absent classes 0); aff_enc: (B, L, N, N) encoder
     affinities in block order; aff_dec: (B, N, N) decoder affinity, or None before
     `refine_start` (then R = mean of the last `warmup_blocks` encoder affinities).
     Otherwise the candidates are the last `n0`, filtered by `select_layers` and
-    weighted by A_f (detached). Returns (B, K_fg, h, w); absent classes stay 0.
+    weighted by A_f (detached). cells: (B, h, w) bool, the image part of padded crops
+    (None = all; SPEC §5.1): the CAMs are zeroed outside it, so every box lies in the
+    (rectangular) image part, and the encoder affinities are restricted to pairs of
+    image cells, so R, Sinkhorn and the walk never see padding (A_f need not be: R is
+    a product with them, and padding pairs add the same amount to every layer score).
+    Returns (B, K_fg, h, w); absent classes and padding cells are 0.
     """
+    if cells is not None:
+        cams = cams * cells[:, None]
+        inside = cells.flatten(1)
+        aff_enc = aff_enc * (inside[:, :, None] & inside[:, None, :]).to(aff_enc.dtype)[:, None]
     if aff_dec is None:
         affinity = combine_affinities(None, aff_enc[:, -cfg.warmup_blocks :])
     else:
@@ -64,7 +75,9 @@ def _present_first(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def pseudo_labels(fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool) -> Tensor:
+def pseudo_labels(
+    fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None
+) -> Tensor:
     """Pixel labels in VOC index space (0 = background, c + 1 = foreground class c).
 
     fg_maps: (B, K_fg, h, w) grid scores; labels: (B, K_fg) {0, 1}; images: (B, 3, H, W)
@@ -76,26 +89,30 @@ def pseudo_labels(fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineCo
     Ignore band (`cfg.ignore_band`): a pixel whose best foreground score lies in
     [low_threshold, high_threshold) becomes IGNORE_INDEX. After PAR the scores are
     divided by PAR's growth (1 + w2)^iterations so the thresholds keep their [0, 1] scale.
+
+    valid: (B, H, W) bool, False on crop padding (None = all image): the min-max runs
+    over the image cells only and padding pixels become IGNORE_INDEX (SPEC §5.1).
     Returns (B, H, W) long.
     """
-    classes, valid = _present_first(labels)  # (B, S)
+    cells = None if valid is None else grid_validity(valid, fg_maps.shape[-2:])
+    classes, in_use = _present_first(labels)  # (B, S)
     grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
-    grid = minmax_normalise(grid) * valid[:, :, None, None]
+    grid = minmax_normalise(grid, cells=cells) * in_use[:, :, None, None]
     fg = grid_to_pixels(grid, images.shape[-2:])  # SPEC §5.1: padded extent, then crop
     scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
     if use_par:
         scores = par(images, scores, cfg.par)
 
-    allowed = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)[:, :, None, None]
+    allowed = torch.cat([torch.ones_like(in_use[:, :1]), in_use], dim=1)[:, :, None, None]
     slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background
     fg_index = classes.gather(1, (slot.flatten(1) - 1).clamp(min=0)).view_as(slot) + 1
     result = torch.where(slot == 0, torch.full_like(slot, BACKGROUND_INDEX), fg_index)
 
     if cfg.ignore_band:
-        fg_scores = scores[:, 1:].masked_fill(~valid[:, :, None, None], 0.0)
+        fg_scores = scores[:, 1:].masked_fill(~in_use[:, :, None, None], 0.0)
         if use_par:
             fg_scores = fg_scores / (1 + cfg.par.w2) ** cfg.par.iterations
         best = fg_scores.amax(dim=1)
         band = (best >= cfg.low_threshold) & (best < cfg.high_threshold)
         result = result.masked_fill(band, IGNORE_INDEX)
-    return result
+    return result if valid is None else result.masked_fill(~valid, IGNORE_INDEX)
