@@ -171,7 +171,7 @@ def compute_cams(
     if len(slots):
         _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
 
-    cams = minmax_normalise(cams, cells=cells) * present[:, :, None, None]
+    cams = minmax_normalise(cams, cells=cells)  # absent maps were never written: still exactly 0
     blocks = [block.detach() for block in features.blocks]
     features = dataclasses.replace(features, blocks=blocks, embedding=features.embedding.detach())
     return cams.detach(), features

@@ -119,7 +119,7 @@ def test_full_vit_b16_shapes():
     assert features.embedding.shape == (1, 512)
 
 
-@pytest.mark.parametrize("dropped", ["visual.ln_post.weight", "ln_final.bias"])
+@pytest.mark.parametrize("dropped", ["visual.ln_post.weight", "ln_final.bias", "positional_embedding", "visual.proj"])
 def test_missing_key_is_named_in_one_line(tiny, tmp_path, dropped):
     # an OpenAI-layout state dict without one key: the error must name that key, in one line
     state = {key: value for key, value in tiny.model.state_dict().items() if key != dropped}

@@ -296,21 +296,33 @@ def save_unicl(
 # --------------------------------------------------------------------------- OpenAI CLIP
 
 
+# Non-tensor entries of OpenAI's state dicts that open_clip reads and drops (they are not model weights).
+OPENAI_EXTRAS = {"input_resolution": None, "context_length": None, "vocab_size": None}
+
+
 def load_openai_clip(path: str | os.PathLike, config: ClipConfig) -> ClipVitEncoder:
     """Load an OpenAI CLIP file (TorchScript archive or state dict) with ``open_clip.load_openai_model``
     (fp32, CPU, QuickGELU) and check that it has exactly ``config``'s architecture."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    with torch.device("meta"):
+        reference = build_clip(config)
+    hint = f"{CLIP_HINT} (checked against '{config.name}')"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are TorchScript
             model = load_openai_model(str(path), precision="fp32", device="cpu")
     except Exception as error:  # open_clip raises RuntimeError / KeyError / pickle errors
+        # A plain state dict that open_clip cannot build from (a key it reads the shapes from is missing):
+        # name what is off instead of open_clip's own KeyError.
+        try:
+            found = safe_load(path)
+        except CheckpointError:
+            found = None
+        if isinstance(found, Mapping):
+            check_state_dict(path, found, reference.state_dict(), optional=OPENAI_EXTRAS, hint=hint)
         message = f"{path}: cannot load as an OpenAI CLIP file ({_one_line(error)}); {CLIP_HINT}"
         raise CheckpointError(message) from error
-    with torch.device("meta"):
-        reference = build_clip(config)
-    hint = f"{CLIP_HINT} (checked against '{config.name}')"
     check_state_dict(path, model.state_dict(), reference.state_dict(), hint=hint)
     return ClipVitEncoder(config, model=model)

@@ -109,7 +109,7 @@ def pseudo_labels(
     result = torch.where(slot == 0, torch.full_like(slot, BACKGROUND_INDEX), fg_index)
 
     if cfg.ignore_band:
-        fg_scores = scores[:, 1:].masked_fill(~in_use[:, :, None, None], 0.0)
+        fg_scores = scores[:, 1:]  # slots past an image's present count are exactly 0 (× in_use above)
         if use_par:
             fg_scores = fg_scores / (1 + cfg.par.w2) ** cfg.par.iterations
         best = fg_scores.amax(dim=1)
