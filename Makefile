@@ -15,6 +15,7 @@ SPLIT ?= val
 CRF ?= 0
 EXPORT ?=
 ARGS ?=                  # extra key=value overrides for train / sweep, e.g. ARGS="trials=16"
+PRESET ?=                # config preset for train / sweep, e.g. PRESET=reference (affseg/configs/presets/)
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 OPTUNA_PORT ?= 8080
@@ -39,10 +40,11 @@ demo: setup
 	$(AFFSEG) make-demo --out data/demo
 
 train: setup
-	$(AFFSEG) train $(ARGS)
+	$(AFFSEG) train $(if $(strip $(PRESET)),--preset $(strip $(PRESET)),) $(ARGS)
 
 sweep: setup
-	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,) $(ARGS)
+	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,) \
+		$(if $(strip $(PRESET)),--preset $(strip $(PRESET)),) $(ARGS)
 
 promote: setup
 	$(AFFSEG) promote $(if $(strip $(SWEEP)),--sweep $(strip $(SWEEP)),)

@@ -26,12 +26,19 @@ def _prepare_voc(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def _with_preset(args: argparse.Namespace) -> list[str]:
+    """The user's overrides after those of `--preset` (so the user's win)."""
+    from affseg.config import preset_overrides
+
+    return (preset_overrides(args.preset) if args.preset else []) + list(args.overrides)
+
+
 def _train(args: argparse.Namespace) -> int:
     from affseg.config import load_config, packaged_config
     from affseg.progress import PrintProgress
     from affseg.train import train
 
-    overrides = list(args.overrides) + ([f"train.out_dir={args.out}"] if args.out else [])
+    overrides = _with_preset(args) + ([f"train.out_dir={args.out}"] if args.out else [])
     config = load_config(args.config or packaged_config("demo"), overrides)
     result = train(config, [PrintProgress(config.train.iterations)], resume_from=args.resume)
     return 0 if result.best is not None else 1
@@ -68,7 +75,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from affseg.sweep.tuner import run_sweep
 
-    summary = run_sweep(args.space, args.profile, resume=args.resume, overrides=args.overrides, name=args.name)
+    summary = run_sweep(args.space, args.profile, resume=args.resume, overrides=_with_preset(args), name=args.name)
     return 0 if summary.best is not None else 1
 
 
@@ -91,6 +98,9 @@ COMMANDS = {
 }
 
 
+PRESET_HELP = "config preset applied before the overrides: reference (refine exactly as WeCLIP's code does)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="affseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default=None, help="YAML config (default: the packaged demo config)")
     tr.add_argument("--out", default=None, help="output folder (train.out_dir)")
     tr.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    tr.add_argument("--preset", default=None, help=PRESET_HELP)
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. refine.alpha=3")
 
     ev = sub.add_parser("evaluate", help="multi-scale (+CRF) evaluation of a checkpoint or registered model")
@@ -123,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--profile", default="demo", help="data profile: demo | voc (sweeps/profiles/)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space/profile")
     sw.add_argument("--name", default=None, help="sweep name (default: derived from space and profile)")
+    sw.add_argument("--preset", default=None, help=PRESET_HELP)
     sw.add_argument("overrides", nargs="*", help="config keys (train.iterations=60) or sweep settings (trials=4)")
 
     pr = sub.add_parser("promote", help="register the best trial's checkpoint as model affseg, alias champion")

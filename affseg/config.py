@@ -7,6 +7,7 @@ offending key, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import types
@@ -400,6 +401,23 @@ def packaged_config(name: str) -> Path:
         choices = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
         raise ConfigError(f"no packaged config {name!r}; choose one of {choices}")
     return path
+
+
+def preset_overrides(name: str) -> list[str]:
+    """A packaged preset (configs/presets/<name>.yaml, e.g. `reference`) as `key.sub=value` overrides."""
+    path = PACKAGED_CONFIGS / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"no preset {name!r}; choose one of {choices}")
+
+    def leaves(values: dict, prefix: str) -> list[str]:  # JSON values are YAML: parse_override reads them back
+        lines = []
+        for key, value in values.items():
+            dotted = f"{prefix}{key}"
+            lines += leaves(value, f"{dotted}.") if isinstance(value, dict) else [f"{dotted}={json.dumps(value)}"]
+        return lines
+
+    return leaves(read_yaml(path), "")
 
 
 def save_config(config: Config, path: str | Path) -> None:

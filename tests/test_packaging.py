@@ -1,5 +1,6 @@
 """Packaging (issue 9, item 17): the top-level sweeps/ folder ships as package `affseg.sweeps`, so an installed
-(non-editable) affseg finds its search spaces and profiles; every subpackage is listed in pyproject.toml."""
+(non-editable) affseg finds its search spaces and profiles, and the packaged configs and presets
+(affseg/configs/presets/, `--preset`); every subpackage is listed in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pth")  # weights are not needed to test layout
 LOAD_REFINE = ("import affseg, affseg.sweep.space as space; spec = space.load_space('refine', 'demo'); "
                "print(affseg.__file__); print(spec.path); print(len(spec.parameters))")
+LOAD_PRESET = "from affseg.config import preset_overrides; print(*preset_overrides('reference'))"
 
 
 def _setuptools() -> dict:
@@ -50,6 +52,8 @@ def test_installed_wheel_ships_the_sweep_files(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"affseg/sweeps/{p.relative_to(REPO / 'sweeps')}" for p in (REPO / "sweeps").rglob("*.yaml")}
     assert "affseg/sweeps/refine.yaml" in expected and expected <= names
+    configs = {f"affseg/{p.relative_to(REPO / 'affseg')}" for p in (REPO / "affseg" / "configs").rglob("*.yaml")}
+    assert "affseg/configs/presets/reference.yaml" in configs and configs <= names
 
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
@@ -61,3 +65,6 @@ def test_installed_wheel_ships_the_sweep_files(tmp_path):
     package, space, count = out.stdout.split()
     assert Path(package).is_relative_to(target) and Path(space) == target / "affseg" / "sweeps" / "refine.yaml"
     assert int(count) > 0
+    preset = subprocess.run([sys.executable, "-c", LOAD_PRESET], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert preset.returncode == 0, preset.stderr[-2000:]
+    assert 'refine.box_clip="reference"' in preset.stdout.split()

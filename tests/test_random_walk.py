@@ -147,10 +147,11 @@ def test_box_clip_reference_fills_exclusively_inside():
 
 
 def test_box_clip_reference_quantises_before_threshold():
-    cams = _one_map([[1.0, 0.402, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    # 0.402 > 0.4 · 1, but quantised: int(0.402 · 255) = 102, not above 0.4 · 255 = 102
-    inclusive = box_masks(cams, 0.4, "inclusive")[0, 0]
-    reference = box_masks(cams, 0.4, "reference")[0, 0]
+    cams = _one_map([[1.0, 0.501, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # 0.501 > 0.5 · 1, but quantised: int(0.501 · 255) = 127, not above int(0.5 · 254) = 127 (peak 254:
+    # the reference scales by max + 1e-7 first)
+    inclusive = box_masks(cams, 0.5, "inclusive")[0, 0]
+    reference = box_masks(cams, 0.5, "reference")[0, 0]
     assert inclusive[0, 1] and not reference[0, 1]
     assert reference[0, 0]
 

@@ -15,7 +15,9 @@ from torch import Tensor
 BoxMode = Literal["output", "source"]
 BoxClip = Literal["inclusive", "reference"]
 
-QUANT_LEVELS = 255  # `reference` box clipping thresholds the CAM quantised to uint8 (×255)
+QUANT_LEVELS = 255  # `reference` box clipping thresholds the CAM quantised to uint8 (×255), ...
+REFERENCE_SCALE_EPS = 1e-7  # ... scaled first as pytorch-grad-cam's scale_cam_image does, x / (max + 1e-7),
+REFERENCE_SCALINGS = 2  # ... twice, as WeCLIP's Grad-CAM does (per layer, then the mean over layers)
 
 SUM_FLOOR = 1e-12  # a row/column of R summing to 0 is divided by this instead (stays 0)
 
@@ -62,11 +64,16 @@ def _component_labels(mask: Tensor) -> Tensor:
 def _active_cells(flat: Tensor, threshold: float, clip: BoxClip) -> Tensor:
     """Cells strictly above `threshold · max` of their map. flat: (M, h, w) → (M, h, w) bool.
 
-    `reference` first quantises like the reference's `(cam * 255).astype(uint8)` (truncation
-    toward zero for values in [0, 1]; clamped so values outside stay defined), then compares
-    with `threshold · max` of the quantised map; cv2's `q > int(t)` equals `q > t` for integer q.
+    `reference` first scales each map like the reference, x / (max + 1e-7) twice (our maps are
+    min-max normalised already: min 0, max 1; the reference's peak becomes 1 − 1.2e-7, so its uint8
+    peak is 254, not 255, and the threshold int(0.4 · 254) = 101), then quantises like its
+    `(cam * 255).astype(uint8)` (truncation toward zero for values in [0, 1]; clamped so values
+    outside stay defined) and compares with `threshold · max` of the quantised map; cv2's
+    `q > int(t)` equals `q > t` for integer q.
     """
     if clip == "reference":
+        for _ in range(REFERENCE_SCALINGS):
+            flat = flat / (flat.flatten(1).amax(dim=1).view(-1, 1, 1) + REFERENCE_SCALE_EPS)
         flat = (flat.clamp(0, 1) * QUANT_LEVELS).to(torch.uint8).to(torch.float64)
     elif clip != "inclusive":
         raise ValueError(f"unknown box clip {clip!r}; choose inclusive or reference")
