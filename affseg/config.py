@@ -135,6 +135,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto = bf16 on CUDA if supported, else fp16; off on CPU
+    supervision: Literal["pseudo", "full"] = "pseudo"  # full: ground-truth masks, the fully supervised bound
     max_nonfinite: int = 10  # skipped steps (NaN/inf loss, or a rolled-back non-finite update) before training stops
     out_dir: str = "runs/train"
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from affseg.config import ModelConfig
 from affseg.data.classes import NUM_CLASSES
 from affseg.grid import grid_to_pixels
 
@@ -33,31 +32,33 @@ class BlockMLP(nn.Module):
 class SegDecoder(nn.Module):
     """Fuse encoder blocks into F_u and predict class logits.
 
-    in_dims: channels of each block fed in (same order as `forward`'s blocks).
-    The transformer stack is followed by a final LayerNorm (usual for pre-norm stacks).
+    in_dims: channels of each block fed in (same order as `forward`'s blocks); dim: d of F_u and the
+    transformer; mlp_dim: width of each block MLP; depth, heads, mlp_ratio: the transformer layers;
+    dropout: on F_u. The transformer stack is followed by a final LayerNorm (usual for pre-norm stacks).
     """
 
-    def __init__(self, in_dims: list[int], cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, in_dims: list[int], dim: int, mlp_dim: int, depth: int, heads: int, mlp_ratio: float,
+                 dropout: float, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         if not in_dims:
             raise ValueError("SegDecoder needs at least one input block")
-        self.mlps = nn.ModuleList(BlockMLP(dim, cfg.decoder_mlp_dim) for dim in in_dims)
-        self.fuse = nn.Conv2d(len(in_dims) * cfg.decoder_mlp_dim, cfg.decoder_dim, kernel_size=1)
-        self.dropout = nn.Dropout(cfg.decoder_dropout)
+        self.mlps = nn.ModuleList(BlockMLP(in_dim, mlp_dim) for in_dim in in_dims)
+        self.fuse = nn.Conv2d(len(in_dims) * mlp_dim, dim, kernel_size=1)
+        self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                d_model=cfg.decoder_dim,
-                nhead=cfg.decoder_heads,
-                dim_feedforward=round(cfg.decoder_dim * cfg.decoder_mlp_ratio),
+                d_model=dim,
+                nhead=heads,
+                dim_feedforward=round(dim * mlp_ratio),
                 dropout=0.0,
                 activation="gelu",
                 batch_first=True,
                 norm_first=True,
             )
-            for _ in range(cfg.decoder_layers)
+            for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(cfg.decoder_dim)
-        self.head = nn.Conv2d(cfg.decoder_dim, num_classes, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, blocks: list[Tensor], out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """blocks: (B, C_k, h_k, w_k) each; those off the first block's h×w are resized (bilinear).

@@ -6,7 +6,7 @@ from affseg.backbones.checkpoint import CheckpointError
 from affseg.backbones.demo_weights import MissingWeightsError
 from affseg.config import ConfigError
 from affseg.data.voc import DatasetError
-from affseg.train import TrainingError
+from affseg.engine.checkpoint import TrainingError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,

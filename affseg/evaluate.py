@@ -17,18 +17,25 @@ from affseg.data.classes import voc_palette
 from affseg.data.transforms import normalise
 from affseg.data.voc import VocSegmentation, read_image
 from affseg.metrics import ConfusionMatrix, SegmentationScores
-from affseg.model import UniClAffSeg, build_model
-from affseg.train import load_checkpoint, select_device
+from affseg.engine.checkpoint import load_checkpoint
+from affseg.engine.runtime import select_device
+from affseg.method import Student, Teacher, build_student, build_teacher
 
 
 
 @dataclass
 class TrainedModel:
-    """A decoder checkpoint loaded into the full model, with the config it was trained with."""
+    """A decoder checkpoint loaded into its student, the teacher it was trained on, and their config."""
 
-    model: UniClAffSeg
+    teacher: Teacher
+    student: Student
     config: Config
     device: torch.device
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder logits (B, 21, H, W) for normalised images (B, 3, H, W)."""
+        return self.student(self.teacher.features(images), images.shape[-2:]).logits
 
 
 def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None) -> TrainedModel:
@@ -42,10 +49,10 @@ def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoin
     # Trainer builds right after torch.manual_seed(train.seed); the caller's RNG stays untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        model = build_model(config, torch_device)
-    model.decoder.load_state_dict(state["decoder"])
-    model.eval()
-    return TrainedModel(model, config, torch_device)
+        teacher = build_teacher(config, torch_device)
+        student = build_student(config, teacher)
+    student.decoder.load_state_dict(state["decoder"])
+    return TrainedModel(teacher.eval(), student.eval(), config, torch_device)
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -53,7 +60,7 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probs(model: UniClAffSeg, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+def predict_probs(trained: TrainedModel, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
     """image (1, 3, H, W) normalised → class probabilities (21, H, W).
 
     The long side is resized to `cfg.long_side`; logits at each scale (and its flip) are resized
@@ -69,7 +76,7 @@ def predict_probs(model: UniClAffSeg, image: torch.Tensor, cfg: EvalConfig) -> t
         scaled = _resize(image, size)
         views = [scaled, scaled.flip(-1)] if cfg.flip else [scaled]
         for index, view in enumerate(views):
-            logits = model.predict(view).float()
+            logits = trained.logits(view).float()
             if index == 1:
                 logits = logits.flip(-1)
             total += _resize(logits, target)
@@ -81,7 +88,7 @@ def predict_probs(model: UniClAffSeg, image: torch.Tensor, cfg: EvalConfig) -> t
 def predict_mask(trained: TrainedModel, image: np.ndarray, crf: bool | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB → (H, W) uint8 VOC class indices."""
     tensor = normalise(image)[None].to(trained.device)
-    probs = predict_probs(trained.model, tensor, trained.config.eval)
+    probs = predict_probs(trained, tensor, trained.config.eval)
     use_crf = trained.config.eval.crf if crf is None else crf
     if use_crf:
         return dense_crf(image, probs.cpu().numpy(), trained.config.eval).argmax(0).astype(np.uint8)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from affseg.config import LossConfig
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
 from affseg.grid import pixels_to_grid
 
@@ -96,3 +97,12 @@ def affinity_loss(
 def total_loss(seg: Tensor, aff: Tensor, lam: float) -> Tensor:
     """L = L_seg + λ · L_aff (eq. 3.19)."""
     return seg + lam * aff
+
+
+def method_losses(logits: Tensor, aff_dec: Tensor, target: Tensor, grid: tuple[int, int], cfg: LossConfig) -> dict:
+    """`loss` = L_seg + λ·L_aff, with both parts (scalars, float32 whatever the autocast dtype).
+
+    logits (B, 21, H, W); aff_dec (B, N, N); target (B, H, W) pseudo-labels (or ground truth); grid (h, w)."""
+    seg = segmentation_loss(logits.float(), target, cfg.seg)
+    aff = affinity_loss(aff_dec.float(), target, grid, cfg.aff_radius, cfg.aff)
+    return {"loss": total_loss(seg, aff, cfg.lam), "loss/seg": seg, "loss/aff": aff}

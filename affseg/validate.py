@@ -7,7 +7,7 @@ Pseudo-label quality (SPEC §3), all with the same background rule:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ from affseg.data.transforms import denormalise
 from affseg.data.voc import VocSegmentation
 from affseg.figures import confusion_figure, overlay_figure
 from affseg.metrics import ConfusionMatrix
-from affseg.model import UniClAffSeg
+from affseg.engine.runtime import Runtime
+from affseg.method import PseudoLabeler, Student, Teacher
 
 PSEUDO_KINDS = ("cam", "cam_par", "refined")
 MAX_BATCH = 8
@@ -47,22 +48,30 @@ def _stack(items: list[dict]) -> dict:
     }
 
 
-def validate(model: UniClAffSeg, val_set: VocSegmentation, pseudo_set: VocSegmentation, iteration: int,
-             device: torch.device, figure_dir: Path, autocast: Callable) -> ValidationResult:
-    """Scores the decoder on `val_set` and the pseudo-labels on `pseudo_set`; writes two PNGs."""
-    model.eval()
+def validate(teacher: Teacher, student: Student, labeler: PseudoLabeler, val_set: VocSegmentation,
+             pseudo_set: VocSegmentation, iteration: int, runtime: Runtime, figure_dir: Path) -> ValidationResult:
+    """Scores the student on `val_set` and the pseudo-labels on `pseudo_set`; writes two PNGs.
+
+    The teacher runs once per image: its features alone on `val_set`; on `pseudo_set` one full pass
+    serves the decoder prediction and all three pseudo-label variants."""
+    student.eval()
+    device = runtime.device
     val = ConfusionMatrix(device=device)
     overlays: list[dict[str, np.ndarray]] = []
     for batch in batches_by_size(val_set):
-        with autocast():
-            logits = model.predict(batch["image"].to(device))
+        images = batch["image"].to(device)
+        with runtime.autocast(), torch.no_grad():
+            logits = student(teacher.features(images), images.shape[-2:]).logits
         val.update(logits.argmax(1), batch["mask"].to(device))
     pseudo = {kind: ConfusionMatrix(device=device) for kind in PSEUDO_KINDS}
     for batch in batches_by_size(pseudo_set):
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        with autocast():
-            variants = model.pseudo_label_variants(images, batch["labels"].to(device), iteration)
-            prediction = model.predict(images).argmax(1)
+        with runtime.autocast():
+            taught = teacher(images, batch["labels"].to(device))
+            with torch.no_grad():
+                output = student(taught.features, images.shape[-2:])
+            variants = labeler.variants(taught, output.aff_dec, iteration)
+        prediction = output.logits.argmax(1)
         for kind in PSEUDO_KINDS:
             pseudo[kind].update(variants[kind], masks)
         for b in range(min(len(images), OVERLAY_IMAGES - len(overlays))):
@@ -70,7 +79,7 @@ def validate(model: UniClAffSeg, val_set: VocSegmentation, pseudo_set: VocSegmen
             overlays.append({"image": picture, "truth": masks[b].cpu().numpy(),
                              **{k: variants[k][b].cpu().numpy() for k in PSEUDO_KINDS},
                              "decoder": prediction[b].cpu().numpy()})
-    model.train()
+    student.train()
     scores = val.summary()
     figure_dir.mkdir(parents=True, exist_ok=True)
     figures = {"confusion.png": confusion_figure(scores.confusion, figure_dir / f"confusion_{iteration:06d}.png")}

@@ -10,7 +10,7 @@ from test_train import tiny_config
 
 from affseg.cam import compute_cams
 from affseg.config import ConfigError
-from affseg.model import build_model
+from affseg.method import build_teacher
 
 FP16_TOLERANCE = 0.02  # max abs CAM difference allowed under fp16 autocast (issue 9, item 7)
 CLIP_OVERRIDES = ("model.encoder=clip_vit_tiny", "model.checkpoint=random")
@@ -22,7 +22,7 @@ def _cams(model, images, labels, cam_block):
 
 def test_clip_default_cam_block_is_second_to_last_and_gives_cams(small_demo, tmp_path):
     torch.manual_seed(0)
-    model = build_model(tiny_config(small_demo, tmp_path, *CLIP_OVERRIDES))
+    model = build_teacher(tiny_config(small_demo, tmp_path, *CLIP_OVERRIDES))
     blocks = model.encoder.stage_blocks(model.encoder.grid_stride)
     assert model.cam_block == blocks[-2]
     images, labels = two_class_items(small_demo, 2)
@@ -33,7 +33,7 @@ def test_clip_default_cam_block_is_second_to_last_and_gives_cams(small_demo, tmp
 def test_zero_cam_gradient_is_an_error(small_demo, tmp_path):
     # at CLIP's last block the class token is cut from the patch tokens: every gradient there is exactly 0
     torch.manual_seed(0)
-    model = build_model(tiny_config(small_demo, tmp_path, *CLIP_OVERRIDES, "model.cam_block=-1"))
+    model = build_teacher(tiny_config(small_demo, tmp_path, *CLIP_OVERRIDES, "model.cam_block=-1"))
     images, labels = two_class_items(small_demo, 2)
     with pytest.raises(ConfigError, match="model.cam_block") as error:
         _cams(model, images, labels, model.cam_block)
@@ -41,12 +41,12 @@ def test_zero_cam_gradient_is_an_error(small_demo, tmp_path):
 
 
 def test_swin_default_cam_block_is_the_last(small_demo, tmp_path):
-    model = build_model(tiny_config(small_demo, tmp_path))
+    model = build_teacher(tiny_config(small_demo, tmp_path))
     assert model.cam_block == model.encoder.stage_blocks(model.encoder.grid_stride)[-1]
 
 
 def test_fp16_autocast_cams_equal_fp32(small_demo, tmp_path):
-    model = build_model(tiny_config(small_demo, tmp_path, "model.checkpoint="))  # the trained demo encoder
+    model = build_teacher(tiny_config(small_demo, tmp_path, "model.checkpoint="))  # the trained demo encoder
     images, labels = two_class_items(small_demo, 2)
     reference = _cams(model, images, labels, model.cam_block)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -58,7 +58,7 @@ def test_fp16_autocast_cams_equal_fp32(small_demo, tmp_path):
 def test_after_the_cam_target_everything_runs_in_fp32_under_fp16_autocast(small_demo, tmp_path):
     # on CPU fp16 autocast rounds too little to move the CAMs much (see above), so check the mechanism:
     # the blocks after the target and the pooled embedding come out float32, whatever the autocast dtype
-    model = build_model(tiny_config(small_demo, tmp_path, "model.checkpoint="))
+    model = build_teacher(tiny_config(small_demo, tmp_path, "model.checkpoint="))
     images, _ = two_class_items(small_demo, 2)
     with torch.autocast("cpu", dtype=torch.float16):
         features = model.encoder.encode_image(model.encoder_input(images), grad_block=model.cam_block - 2)

@@ -159,23 +159,27 @@ def test_model_forward_ignores_crop_padding(small_demo, tmp_path):
 def test_trainer_hands_each_crop_its_padding(small_demo, tmp_path, monkeypatch):
     from test_train import tiny_config
 
-    from affseg.model import UniClAffSeg
-    from affseg.train import Trainer
+    from affseg.engine.trainer import Trainer
+    from affseg.method import Teacher
 
     config = tiny_config(small_demo, tmp_path, "data.crop_size=320", "data.scale_min=1.0", "data.scale_max=1.0",
                          "train.iterations=1", "train.val_interval=1")
     seen = []
-    forward = UniClAffSeg.forward
+    forward = Teacher.forward
 
-    def spy(self, images, labels, iteration, valid=None):
-        output = forward(self, images, labels, iteration, valid)
-        seen.append((valid, output.pseudo))
-        return output
+    def spy(self, images, labels, valid=None):
+        seen.append(valid)
+        return forward(self, images, labels, valid)
 
-    monkeypatch.setattr(UniClAffSeg, "forward", spy)
+    monkeypatch.setattr(Teacher, "forward", spy)
     trainer = Trainer(config)
+    head = trainer.heads[0]
+    pseudo = []
+    labeler = head.labeler.__class__.__call__
+    monkeypatch.setattr(head.labeler.__class__, "__call__",
+                        lambda self, *args: pseudo.append(labeler(self, *args).pseudo) or labeler(self, *args))
     trainer._step(iter(trainer._loader()))
-    assert len(seen) == config.train.accumulation
-    for valid, pseudo in seen:
+    assert len(seen) == len(pseudo) == config.train.accumulation
+    for valid, labels in zip(seen, pseudo):
         assert valid is not None and not bool(valid.all())  # demo images are smaller than 320 px
-        assert bool((pseudo[~valid] == IGNORE_INDEX).all())
+        assert bool((labels[~valid] == IGNORE_INDEX).all())

@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from affseg.config import ModelConfig
 from affseg.decoder import SegDecoder
 
-TINY = ModelConfig(decoder_dim=16, decoder_mlp_dim=8, decoder_layers=2, decoder_heads=2, decoder_dropout=0.1)
+TINY = {"dim": 16, "mlp_dim": 8, "depth": 2, "heads": 2, "mlp_ratio": 4.0, "dropout": 0.1}
 
 
 def test_shapes_and_block_resizing():
     torch.manual_seed(0)
-    decoder = SegDecoder([6, 10], TINY).eval()
+    decoder = SegDecoder([6, 10], **TINY).eval()
     blocks = [torch.randn(2, 6, 4, 5), torch.randn(2, 10, 2, 3)]  # second block at another stride
     logits, fused = decoder(blocks, (64, 80))
     assert logits.shape == (2, 21, 64, 80)
@@ -26,7 +25,7 @@ def test_shapes_and_block_resizing():
 def test_gradients_reach_only_decoder():
     torch.manual_seed(0)
     encoder = nn.Conv2d(3, 6, kernel_size=16, stride=16).requires_grad_(False)
-    decoder = SegDecoder([6, 6], TINY)
+    decoder = SegDecoder([6, 6], **TINY)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         block = encoder(images)

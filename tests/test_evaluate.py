@@ -18,7 +18,9 @@ from affseg.crf import dense_crf
 from affseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
 from affseg.data.voc import VocSegmentation, read_image
 from affseg.evaluate import TrainedModel, evaluate, load_predictor, load_trained, predict_mask, predict_probs
-from affseg.train import BEST_CHECKPOINT, Trainer, load_checkpoint, train
+from affseg.engine.checkpoint import BEST_CHECKPOINT, load_checkpoint
+from affseg.engine.trainer import Trainer
+from affseg.train import train
 
 LONG_SIDE = 200  # eval.long_side of the fixture run (small: fast, and not a multiple of 32)
 # A 100 × 140 input at long side 200: target (round(100 · 200 / 140), 200) = (143, 200), and the
@@ -50,35 +52,35 @@ def trained(run) -> TrainedModel:
 def test_load_trained_restores_decoder_and_training_encoder(run, trained):
     config, best = run
     saved = load_checkpoint(best)["decoder"]
-    restored = trained.model.decoder.state_dict()
+    restored = trained.student.decoder.state_dict()
     assert restored.keys() == saved.keys()
     assert all(torch.equal(restored[key], saved[key]) for key in saved)
-    assert not trained.model.training and trained.config.eval.long_side == LONG_SIDE
+    assert not trained.student.training and trained.config.eval.long_side == LONG_SIDE
     # model.checkpoint=random: the encoder must be the one training drew (seeded by train.seed)
-    training_encoder = Trainer(config).model.encoder.state_dict()
-    loaded_encoder = trained.model.encoder.state_dict()
+    training_encoder = Trainer(config).teacher.encoder.state_dict()
+    loaded_encoder = trained.teacher.encoder.state_dict()
     assert all(torch.equal(loaded_encoder[key], value) for key, value in training_encoder.items())
 
 
 def test_predict_probs_single_scale_equals_hand_construction(trained):
     image = torch.randn(1, 3, *INPUT_SIZE, generator=torch.Generator().manual_seed(0))
     cfg = dataclasses.replace(trained.config.eval, scales=[1.0], flip=False)
-    probs = predict_probs(trained.model, image, cfg)
+    probs = predict_probs(trained, image, cfg)
 
-    logits = _resize(trained.model.predict(_resize(image, NETWORK_SIZE)), TARGET_SIZE)
+    logits = _resize(trained.logits(_resize(image, NETWORK_SIZE)), TARGET_SIZE)
     expected = _resize(torch.softmax(logits, dim=1), INPUT_SIZE)[0]
     assert probs.shape == (NUM_CLASSES, *INPUT_SIZE)
     assert torch.allclose(probs, expected, atol=1e-6)
 
     flipped = dataclasses.replace(cfg, flip=True)  # averaged logits of the view and its mirror
-    mirror = _resize(trained.model.predict(_resize(image, NETWORK_SIZE).flip(-1)).flip(-1), TARGET_SIZE)
+    mirror = _resize(trained.logits(_resize(image, NETWORK_SIZE).flip(-1)).flip(-1), TARGET_SIZE)
     expected = _resize(torch.softmax((logits + mirror) / 2, dim=1), INPUT_SIZE)[0]
-    assert torch.allclose(predict_probs(trained.model, image, flipped), expected, atol=1e-6)
+    assert torch.allclose(predict_probs(trained, image, flipped), expected, atol=1e-6)
 
 
 def test_predict_probs_multi_scale_is_a_distribution(trained):
     image = torch.randn(1, 3, *INPUT_SIZE, generator=torch.Generator().manual_seed(1))
-    probs = predict_probs(trained.model, image, trained.config.eval)  # scales 1.0, 0.75 and flip
+    probs = predict_probs(trained, image, trained.config.eval)  # scales 1.0, 0.75 and flip
     assert probs.shape == (NUM_CLASSES, *INPUT_SIZE)
     assert (probs >= 0).all()
     assert torch.allclose(probs.sum(dim=0), torch.ones(INPUT_SIZE), atol=1e-5)

@@ -53,13 +53,13 @@ def test_pixels_to_grid_takes_each_cells_first_pixel():
 
 
 class SizeProbe(torch.nn.Module):
-    """Stands in for the model in predict_probs: records the sizes it is asked to predict at."""
+    """Stands in for the trained model in predict_probs: records the sizes it is asked to predict at."""
 
     def __init__(self):
         super().__init__()
         self.sizes = []
 
-    def predict(self, images):
+    def logits(self, images):
         self.sizes.append(tuple(images.shape[-2:]))
         return torch.zeros(images.shape[0], 21, *images.shape[-2:])
 

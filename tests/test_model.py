@@ -1,19 +1,23 @@
-"""UniClAffSeg on the random tiny encoder: output contract, frozen encoder, absent classes,
-the refine_start switch and the pseudo-label variants used by validation."""
+"""Teacher → student → pseudo-labeler on the random tiny encoder: output contract, frozen encoder,
+absent classes, the refine_start switch and the pseudo-label variants used by validation."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_train import tiny_config
+from torch import Tensor
 
-from affseg.cam import compute_cams
+from affseg.config import Config
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX, NUM_CLASSES, NUM_FOREGROUND
 from affseg.data.voc import VocSegmentation
-from affseg.model import UniClAffSeg, build_model
-from affseg.refine.affinity import decoder_affinity
-from affseg.train import Trainer
+from affseg.engine.trainer import Trainer
+from affseg.losses import method_losses
+from affseg.method import (PseudoLabeler, Student, Teacher, build_pseudo_labeler, build_student,
+                           build_teacher)
 
 SEED = 0
 HEIGHT, WIDTH = 128, 96  # not square, so a swapped h/w would show
@@ -28,12 +32,49 @@ PERTURBATION = 0.5  # std of the noise added to every decoder weight
 MIN_EFFECT = 1e-3  # smallest change of the refined maps that counts as "depends on the decoder"
 
 
-def make_model(root, out, *overrides: str) -> UniClAffSeg:
-    """The tiny random-encoder model, seeded so every call builds the same weights."""
+@dataclass
+class Output:
+    """One training forward, as a head computes it: logits (B, 21, H, W), aff_dec (B, N, N),
+    cams and refined (B, 20, h, w), pseudo (B, H, W)."""
+
+    logits: Tensor
+    aff_dec: Tensor
+    cams: Tensor
+    refined: Tensor
+    pseudo: Tensor
+
+
+@dataclass
+class Method:
+    """The three parts built from one config; calling it runs them in training order."""
+
+    config: Config
+    teacher: Teacher
+    student: Student
+    labeler: PseudoLabeler
+
+    def __call__(self, images, labels, iteration: int, valid=None) -> Output:
+        taught = self.teacher(images, labels, valid)
+        output = self.student(taught.features, images.shape[-2:])
+        refinement = self.labeler(taught, output.aff_dec, iteration)
+        return Output(output.logits, output.aff_dec, taught.cams, refinement.refined, refinement.pseudo)
+
+    def losses(self, output: Output) -> dict[str, Tensor]:
+        return method_losses(output.logits, output.aff_dec, output.pseudo, output.cams.shape[-2:], self.config.loss)
+
+    def eval(self) -> "Method":
+        self.teacher.eval()
+        self.student.eval()
+        return self
+
+
+def make_model(root, out, *overrides: str) -> Method:
+    """The tiny random-encoder method, seeded so every call builds the same weights."""
     config = tiny_config(root, out, f"train.iterations={ITERATIONS}", f"refine.refine_start={REFINE_START}",
                          *overrides)
     torch.manual_seed(SEED)
-    return build_model(config)
+    teacher = build_teacher(config)
+    return Method(config, teacher, build_student(config, teacher), build_pseudo_labeler(config))
 
 
 def two_class_items(root, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +94,7 @@ def batch(small_demo) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model(small_demo, tmp_path_factory) -> UniClAffSeg:
+def model(small_demo, tmp_path_factory) -> Method:
     return make_model(small_demo, tmp_path_factory.mktemp("model")).eval()
 
 
@@ -82,24 +123,22 @@ def test_output_shapes(model, batch):
 def test_encoder_is_frozen_and_only_decoder_gets_gradients(small_demo, tmp_path, batch):
     model = make_model(small_demo, tmp_path)
     images, labels = batch
-    assert not any(p.requires_grad for p in model.encoder.parameters())
-    model.train()
-    assert not any(module.training for module in model.encoder.modules())
-    assert all(module.training for module in model.decoder.modules())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    model.teacher.train()
+    model.student.train()
+    assert not any(module.training for module in model.teacher.encoder.modules())
+    assert all(module.training for module in model.student.decoder.modules())
 
     output = model(images, labels, iteration=FIRST_ACTIVE)
     model.losses(output)["loss"].backward()
-    for name, parameter in model.named_parameters():
-        if name.startswith("decoder."):
-            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-        else:
-            assert parameter.grad is None, name
+    for name, parameter in model.student.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert all(parameter.grad is None for parameter in model.teacher.parameters())
 
-    decoder_ids = {id(p) for p in model.decoder.parameters()}
-    assert {id(p) for p in model.parameters() if p.requires_grad} == decoder_ids
     trainer = Trainer(model.config)  # the optimiser the training loop builds
-    optimised = {id(p) for group in trainer.optimiser.param_groups for p in group["params"]}
-    assert optimised == {id(p) for p in trainer.model.decoder.parameters()}
+    head = trainer.heads[0]
+    optimised = {id(p) for group in head.optimiser.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in head.student.parameters()}
 
 
 @pytest.mark.parametrize("ignore_band", [False, True])
@@ -131,7 +170,7 @@ def test_pseudo_labels_never_contain_absent_classes(small_demo, tmp_path, ignore
 
 def test_refinement_switch_and_decoder_dependence(small_demo, tmp_path, batch):
     model = make_model(small_demo, tmp_path).eval()
-    assert [model.refinement_active(i) for i in (0, FIRST_ACTIVE - 1, FIRST_ACTIVE, ITERATIONS)] == [
+    assert [model.labeler.uses_decoder(i) for i in (0, FIRST_ACTIVE - 1, FIRST_ACTIVE, ITERATIONS)] == [
         False, False, True, True,
     ]
     images, labels = batch
@@ -139,7 +178,7 @@ def test_refinement_switch_and_decoder_dependence(small_demo, tmp_path, batch):
     after = model(images, labels, iteration=FIRST_ACTIVE)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(SEED)
-        for parameter in model.decoder.parameters():
+        for parameter in model.student.parameters():
             parameter.add_(PERTURBATION * torch.randn(parameter.shape, generator=generator))
     before_perturbed = model(images, labels, iteration=FIRST_ACTIVE - 1)
     after_perturbed = model(images, labels, iteration=FIRST_ACTIVE)
@@ -153,7 +192,8 @@ def test_refinement_switch_and_decoder_dependence(small_demo, tmp_path, batch):
 @pytest.mark.parametrize("iteration", [0, FIRST_ACTIVE])
 def test_pseudo_label_variants_match_training_pseudo_labels(model, batch, iteration):
     images, labels = batch
-    variants = model.pseudo_label_variants(images, labels, iteration)
+    taught = model.teacher(images, labels)
+    variants = model.labeler.variants(taught, model.student(taught.features, images.shape[-2:]).aff_dec, iteration)
     assert set(variants) == {"cam", "cam_par", "refined"}
     for kind, pseudo in variants.items():
         assert pseudo.shape == (BATCH, HEIGHT, WIDTH) and pseudo.dtype == torch.int64, kind
@@ -163,22 +203,21 @@ def test_pseudo_label_variants_match_training_pseudo_labels(model, batch, iterat
 
 
 def test_refinement_stays_float32_under_autocast(model, batch):
-    """Autocast would run the affinity products and the random walk in bf16: pseudo_labels turns it off."""
+    """Autocast would run the affinity products and the random walk in bf16: the labeler turns it off."""
     images, labels = batch
-    cams, features = compute_cams(model.encoder, model.classifier, images, labels, model.cam_block)
+    taught = model.teacher(images, labels)
     with torch.no_grad():
-        _, fused = model.decoder([features.blocks[i] for i in model.decoder_blocks], images.shape[-2:])
-    aff_dec = decoder_affinity(fused)
-    plain = model.pseudo_labels(images, labels, cams, features, aff_dec, FIRST_ACTIVE)
+        aff_dec = model.student(taught.features, images.shape[-2:]).aff_dec
+    plain = model.labeler(taught, aff_dec, FIRST_ACTIVE)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model.pseudo_labels(images, labels, cams, features, aff_dec, FIRST_ACTIVE)
-    assert mixed[0].dtype == torch.float32
-    assert torch.equal(mixed[0], plain[0]) and torch.equal(mixed[1], plain[1])
+        mixed = model.labeler(taught, aff_dec, FIRST_ACTIVE)
+    assert mixed.refined.dtype == torch.float32
+    assert torch.equal(mixed.refined, plain.refined) and torch.equal(mixed.pseudo, plain.pseudo)
 
 
 def test_renormalisation_maps_imagenet_pixels_to_encoder_statistics():
     from affseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from affseg.model import renormalisation
+    from affseg.method.build import renormalisation
 
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     pixels = torch.rand(1, 3, 4, 4)

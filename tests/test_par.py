@@ -13,6 +13,10 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+def _par(images: torch.Tensor, maps: torch.Tensor, cfg: ParConfig) -> torch.Tensor:
+    return par(images, maps, cfg.dilations, cfg.iterations, cfg.w1, cfg.w2, cfg.scale)
+
+
 def test_forty_eight_neighbours():
     offsets = neighbour_offsets([1, 2, 4, 8, 12, 24])
     assert len(offsets) == 48 == len(set(offsets))
@@ -24,7 +28,7 @@ def test_constant_map_grows_by_one_plus_w2_per_iteration():
     cfg = ParConfig(iterations=5)
     images = torch.rand(2, 3, 12, 10)
     maps = torch.full((2, 3, 12, 10), 0.7)
-    out = par(images, maps, cfg)
+    out = _par(images, maps, cfg)
     assert torch.allclose(out, torch.full_like(out, 0.7 * (1 + cfg.w2) ** 5), rtol=1e-5)
 
 
@@ -40,7 +44,7 @@ def test_no_leak_across_colour_edge():
     image = _two_colour()
     maps = torch.zeros(1, 1, 16, 16)
     maps[..., :8] = 1.0
-    out = par(image, maps, cfg)[0, 0]
+    out = _par(image, maps, cfg)[0, 0]
     left, right = out[:, :8], out[:, 8:]
     assert left.min() > 1.0  # grew by (1 + w2)^20 ≈ 1.22, up to the small positional leak
     assert right.max() < 0.05 * left.min()
@@ -51,8 +55,8 @@ def test_normalised_image_gives_same_result():
     image = torch.rand(1, 3, 10, 9)
     maps = torch.rand(1, 2, 10, 9)
     cfg = ParConfig(iterations=3)
-    plain = par(image, maps, cfg)
-    normalised = par((image - IMAGENET_MEAN) / IMAGENET_STD, maps, cfg)
+    plain = _par(image, maps, cfg)
+    normalised = _par((image - IMAGENET_MEAN) / IMAGENET_STD, maps, cfg)
     assert torch.allclose(plain, normalised, atol=1e-5)
 
 
@@ -88,7 +92,7 @@ def test_matches_pixel_reference():
     cfg = ParConfig(iterations=2, dilations=[1, 3])
     image = torch.rand(1, 3, 5, 6)
     maps = torch.rand(1, 2, 5, 6)
-    assert torch.allclose(par(image, maps, cfg)[0], _reference(image[0], maps[0], cfg), atol=1e-5)
+    assert torch.allclose(_par(image, maps, cfg)[0], _reference(image[0], maps[0], cfg), atol=1e-5)
 
 
 def test_half_scale_keeps_size_and_edge():
@@ -97,6 +101,6 @@ def test_half_scale_keeps_size_and_edge():
     maps = torch.zeros(1, 2, 32, 32)
     maps[:, 0, :, :16] = 1.0
     maps[:, 1, :, 16:] = 1.0
-    out = par(image, maps, cfg)
+    out = _par(image, maps, cfg)
     assert out.shape == maps.shape
     assert (out[0, 0, :, :14] > out[0, 1, :, :14]).all() and (out[0, 1, :, 18:] > out[0, 0, :, 18:]).all()

@@ -8,9 +8,10 @@ import inspect
 import torch
 from test_train import tiny_config
 
-import affseg.model
+import affseg.losses
 import affseg.refine.pseudo
-from affseg.model import build_model
+from affseg.losses import method_losses
+from affseg.method import build_pseudo_labeler, build_student, build_teacher
 
 BATCH, SIZE = 2, 96  # two images of 96 × 96 (a 6 × 6 grid)
 
@@ -18,11 +19,16 @@ BATCH, SIZE = 2, 96  # two images of 96 × 96 (a 6 × 6 grid)
 def forward_and_loss(root, out, *overrides: str) -> None:
     """One training forward and loss of the tiny random-encoder model on random images."""
     torch.manual_seed(0)
-    model = build_model(tiny_config(root, out, *overrides))
+    config = tiny_config(root, out, *overrides)
+    teacher = build_teacher(config)
+    student, labeler = build_student(config, teacher), build_pseudo_labeler(config)
     images = torch.randn(BATCH, 3, SIZE, SIZE)
     labels = torch.zeros(BATCH, 20)
     labels[:, 0] = 1
-    model.losses(model(images, labels, 0))
+    taught = teacher(images, labels)
+    output = student(taught.features, images.shape[-2:])
+    pseudo = labeler(taught, output.aff_dec, 0).pseudo
+    method_losses(output.logits, output.aff_dec, pseudo, taught.grid, config.loss)
 
 
 def recorder(monkeypatch, module, name: str, parameter: str) -> list:
@@ -49,6 +55,6 @@ def test_sinkhorn_iters_reaches_the_transition_matrix(small_demo, tmp_path, monk
 
 def test_aff_radius_reaches_the_affinity_loss(small_demo, tmp_path, monkeypatch):
     value = 2  # SPEC default 8
-    seen = recorder(monkeypatch, affseg.model, "affinity_loss", "radius")
+    seen = recorder(monkeypatch, affseg.losses, "affinity_loss", "radius")
     forward_and_loss(small_demo, tmp_path, f"loss.aff_radius={value}")
     assert seen == [value]

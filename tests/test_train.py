@@ -8,9 +8,13 @@ import torch
 from affseg.callbacks import Callback
 from affseg.config import ConfigError, OptimConfig, load_config
 from affseg.data.sampling import DrawDataset
-from affseg.model import UniClAffSeg
-from affseg.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingError, load_checkpoint, lr_factor,
-                          nonfinite_entry, require_finite, train)
+import affseg.engine.head
+from affseg.engine.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainingError, load_checkpoint,
+                                      nonfinite_entry, require_finite)
+from affseg.engine.schedule import lr_factor
+from affseg.engine.trainer import Trainer
+from affseg.losses import method_losses
+from affseg.train import train
 
 
 def tiny_config(root, out, *extra):
@@ -60,17 +64,16 @@ def test_resume_equals_uninterrupted_run(small_demo, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_and_counted(small_demo, tmp_path, monkeypatch):
-    original = UniClAffSeg.losses
     calls = {"n": 0}
 
-    def poisoned(self, output):
-        losses = original(self, output)
+    def poisoned(*args):
+        losses = method_losses(*args)
         calls["n"] += 1
         if calls["n"] == 1:  # first micro-batch of iteration 1
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(UniClAffSeg, "losses", poisoned)
+    monkeypatch.setattr(affseg.engine.head, "method_losses", poisoned)
     record = Record()
     result = train(tiny_config(small_demo, tmp_path / "n", "train.iterations=2"), [record])
     assert result.iterations_done == 2
@@ -121,17 +124,16 @@ def test_diverged_run_stops_and_never_checkpoints_nan(small_demo, tmp_path):
 
 def test_nonfinite_update_is_rolled_back_and_counted(small_demo, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (the diverged-run case) must not reach the weights."""
-    original = UniClAffSeg.losses
     calls = {"n": 0}
 
-    def nan_gradient(self, output):
-        losses = original(self, output)
+    def nan_gradient(logits, *rest):
+        losses = method_losses(logits, *rest)
         calls["n"] += 1
         if calls["n"] == 3:  # iteration 2, micro-batch 1: value + 0, gradient 0 · ∞ = NaN
-            losses["loss"] = losses["loss"] + 0.0 * torch.sqrt(output.logits.sum() * 0.0)
+            losses["loss"] = losses["loss"] + 0.0 * torch.sqrt(logits.sum() * 0.0)
         return losses
 
-    monkeypatch.setattr(UniClAffSeg, "losses", nan_gradient)
+    monkeypatch.setattr(affseg.engine.head, "method_losses", nan_gradient)
     record, out = Record(), tmp_path / "r"
     train(tiny_config(small_demo, out), [record])
     state = load_checkpoint(out / LAST_CHECKPOINT)
@@ -154,11 +156,11 @@ def test_checkpoint_writer_refuses_nonfinite_tensors(tmp_path):
 
 
 def test_resume_after_midaccumulation_nonfinite_keeps_sample_order(small_demo, tmp_path, monkeypatch):
-    original_losses, original_get = UniClAffSeg.losses, DrawDataset.__getitem__
+    original_get = DrawDataset.__getitem__
     calls, draws = {"n": 0, "poison": True}, []
 
-    def poisoned(self, output):
-        losses = original_losses(self, output)
+    def poisoned(*args):
+        losses = method_losses(*args)
         calls["n"] += 1
         if calls["poison"] and calls["n"] == 1:  # micro-batch 1 of 2 in iteration 1: one left unconsumed
             losses["loss"] = losses["loss"] * float("nan")
@@ -168,7 +170,7 @@ def test_resume_after_midaccumulation_nonfinite_keeps_sample_order(small_demo, t
         draws.append(key)
         return original_get(self, key)
 
-    monkeypatch.setattr(UniClAffSeg, "losses", poisoned)
+    monkeypatch.setattr(affseg.engine.head, "method_losses", poisoned)
     monkeypatch.setattr(DrawDataset, "__getitem__", recording)
     full = Record(copy_at=2, copy_to=tmp_path / "at2.pt")
     train(tiny_config(small_demo, tmp_path / "a"), [full])
@@ -201,17 +203,21 @@ def test_block_counts_beyond_the_encoder_are_refused(small_demo, tmp_path, key):
 def test_accumulation_averages_the_micro_batch_gradients(small_demo, tmp_path, monkeypatch):
     """accumulation=2 steps with the mean of the two micro-batches' gradients (dropout off: deterministic)."""
     trainer = Trainer(tiny_config(small_demo, tmp_path / "g", "model.decoder_dropout=0.0"))
-    params = [p for p in trainer.model.decoder.parameters() if p.requires_grad]
+    head = trainer.heads[0]
+    params = [p for p in head.student.parameters() if p.requires_grad]
     stepped = []
-    monkeypatch.setattr(trainer.scaler, "step", lambda optimiser: stepped.append([p.grad.clone() for p in params]))
-    assert trainer._step(iter(trainer._loader())) is not None
+    monkeypatch.setattr(head.scaler, "step", lambda optimiser: stepped.append([p.grad.clone() for p in params]))
+    assert trainer._step(iter(trainer._loader()))[head] is not None
 
     expected = [torch.zeros_like(p) for p in params]
     batches = iter(trainer._loader())
     for _ in range(2):
         batch = next(batches)
-        trainer.model.zero_grad(set_to_none=True)
-        trainer.model.losses(trainer.model(batch["image"], batch["labels"], 0))["loss"].backward()
+        head.student.zero_grad(set_to_none=True)
+        taught = trainer.teacher(batch["image"], batch["labels"], batch["valid"])
+        output = head.student(taught.features, batch["image"].shape[-2:])
+        pseudo = head.labeler(taught, output.aff_dec, 0).pseudo
+        method_losses(output.logits, output.aff_dec, pseudo, taught.grid, head.config.loss)["loss"].backward()
         for total, p in zip(expected, params):
             total += p.grad / 2
     for got, want in zip(stepped[0], expected):
@@ -219,11 +225,11 @@ def test_accumulation_averages_the_micro_batch_gradients(small_demo, tmp_path, m
 
 
 def test_poly_power_reaches_the_scheduler(small_demo, tmp_path):
-    trainer = Trainer(tiny_config(small_demo, tmp_path / "p", "optim.poly_power=2.0"))
+    head = Trainer(tiny_config(small_demo, tmp_path / "p", "optim.poly_power=2.0")).heads[0]
     for _ in range(2):
-        trainer.optimiser.step()
-        trainer.scheduler.step()
-    assert trainer.optimiser.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 4) ** 2)
+        head.optimiser.step()
+        head.scheduler.step()
+    assert head.optimiser.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 4) ** 2)
 
 
 def test_ignore_band_validates(small_demo, tmp_path):

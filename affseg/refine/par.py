@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from affseg.config import ParConfig
-
 STD_EPS = 1e-8  # added to σ so that flat regions (σ = 0, |ΔI| = 0) give a 0 logit, not NaN
 
 
@@ -41,30 +39,30 @@ def _shifted(padded: Tensor, offset: tuple[int, int], pad: int, size: tuple[int,
     return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
-def par_kernel(images: Tensor, cfg: ParConfig) -> Tensor:
+def par_kernel(images: Tensor, dilations: list[int], w1: float, w2: float) -> Tensor:
     """κ for every pixel and neighbour. images: (B, 3, H, W) → (B, P, H, W), P = 8·len(dilations)."""
-    offsets = neighbour_offsets(cfg.dilations)
-    pad = max(cfg.dilations)
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
     size = images.shape[-2:]
     padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
     neighbours = [_shifted(padded, offset, pad, size) for offset in offsets]
 
     mean = sum(neighbours) / len(neighbours)
     var = sum((n - mean).pow(2) for n in neighbours) / (len(neighbours) - 1)
-    scale = (var.sqrt() + STD_EPS) * cfg.w1  # (B, 3, H, W)
+    scale = (var.sqrt() + STD_EPS) * w1  # (B, 3, H, W)
     colour = torch.stack([-((images - n).abs() / scale).pow(2).mean(dim=1) for n in neighbours], dim=1)
 
     lengths = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=images.dtype, device=images.device)
-    position = -(lengths / ((lengths.std() + STD_EPS) * cfg.w1)).pow(2)
-    return colour.softmax(dim=1) + cfg.w2 * position.softmax(dim=0).view(1, -1, 1, 1)
+    position = -(lengths / ((lengths.std() + STD_EPS) * w1)).pow(2)
+    return colour.softmax(dim=1) + w2 * position.softmax(dim=0).view(1, -1, 1, 1)
 
 
-def _propagate(kernel: Tensor, maps: Tensor, cfg: ParConfig) -> Tensor:
-    """`cfg.iterations` of M ← Σ_p κ_p M_p. kernel: (B, P, H, W); maps: (B, K, H, W)."""
-    offsets = neighbour_offsets(cfg.dilations)
-    pad = max(cfg.dilations)
+def _propagate(kernel: Tensor, maps: Tensor, dilations: list[int], iterations: int) -> Tensor:
+    """`iterations` of M ← Σ_p κ_p M_p. kernel: (B, P, H, W); maps: (B, K, H, W)."""
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
     size = maps.shape[-2:]
-    for _ in range(cfg.iterations):
+    for _ in range(iterations):
         padded = F.pad(maps, (pad, pad, pad, pad), mode="replicate")
         out = torch.zeros_like(maps)
         for index, offset in enumerate(offsets):
@@ -74,22 +72,23 @@ def _propagate(kernel: Tensor, maps: Tensor, cfg: ParConfig) -> Tensor:
 
 
 @torch.no_grad()
-def par(images: Tensor, maps: Tensor, cfg: ParConfig) -> Tensor:
-    """Refine score maps along image colour and position.
+def par(images: Tensor, maps: Tensor, dilations: list[int], iterations: int, w1: float, w2: float,
+        scale: float = 1.0) -> Tensor:
+    """Refine score maps along image colour and position (the module docstring's κ, `iterations` times).
 
     images: (B, 3, H, W), the (ImageNet-normalised) tensor the model sees;
-    maps: (B, K, H, W) at image size. With `cfg.scale` < 1 both are resized
+    maps: (B, K, H, W) at image size. With `scale` < 1 both are resized
     (bilinear) by that factor, refined, and the maps resized back to H×W.
     Returns (B, K, H, W).
     """
     size = maps.shape[-2:]
     if images.shape[-2:] != size:
         raise ValueError(f"images {tuple(images.shape[-2:])} and maps {tuple(size)} differ in size")
-    if cfg.scale < 1.0:
-        small = (max(1, round(size[0] * cfg.scale)), max(1, round(size[1] * cfg.scale)))
+    if scale < 1.0:
+        small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         images = F.interpolate(images, size=small, mode="bilinear", align_corners=False)
         maps = F.interpolate(maps, size=small, mode="bilinear", align_corners=False)
-    refined = _propagate(par_kernel(images, cfg), maps, cfg)
-    if cfg.scale < 1.0:
+    refined = _propagate(par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
+    if scale < 1.0:
         refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
     return refined

@@ -101,7 +101,8 @@ def pseudo_labels(
     fg = grid_to_pixels(grid, images.shape[-2:])  # SPEC §5.1: padded extent, then crop
     scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
     if use_par:
-        scores = par(images, scores, cfg.par)
+        p = cfg.par
+        scores = par(images, scores, p.dilations, p.iterations, p.w1, p.w2, p.scale)
 
     allowed = torch.cat([torch.ones_like(in_use[:, :1]), in_use], dim=1)[:, :, None, None]
     slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background

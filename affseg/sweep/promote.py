@@ -34,7 +34,7 @@ from packaging.requirements import Requirement
 import affseg
 from affseg.backbones.demo_weights import RANDOM_WEIGHTS, default_checkpoint
 from affseg.config import Config, ConfigError, TrackingConfig, from_dict
-from affseg.train import BEST_CHECKPOINT, load_checkpoint
+from affseg.engine.checkpoint import BEST_CHECKPOINT, load_checkpoint
 from affseg.sweep.tracking import (
     BEST_MIOU, CHECKPOINT_DIR, ROLE_TAG, STATE_TAG, SWEEP_TAG, TRIAL_TAG, open_experiment, tag_filter, tracking_uri,
 )

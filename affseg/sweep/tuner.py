@@ -35,7 +35,8 @@ from affseg.sweep.tracking import (
     MlflowCallback, TrackingRef, TrialRecord, absolute_uri, child_runs, finish_parent, open_experiment, parent_run,
     sweep_exists, sync_states, tracking_uri,
 )
-from affseg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, ensure_dataset
+from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
+from affseg.engine.trainer import ensure_dataset
 
 SWEEP_ROOT = "runs/sweeps"  # Ray Tune experiments, one folder per sweep (relative to the working dir)
 SWEEP_ROOT_ENV = "AFFSEG_SWEEP_ROOT"  # overrides SWEEP_ROOT; on a cluster, a shared filesystem path

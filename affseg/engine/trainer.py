@@ -1,0 +1,141 @@
+"""The loop: one teacher pass per micro-batch, every active head trained on it; accumulation, AMP,
+warm-up + poly schedule, validation, checkpoints and exact resume (through the hooks)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from affseg.callbacks import Callback, TrainResult
+from affseg.config import Config, save_config
+from affseg.data.demo import DemoSpec, make_demo
+from affseg.data.sampling import DrawDataset, ResumableBatches
+from affseg.data.transforms import TrainAugment
+from affseg.data.voc import VocSegmentation
+from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainingError, load_checkpoint, writable_folder
+from affseg.engine.head import Head
+from affseg.engine.hooks import DEFAULT_HOOKS
+from affseg.engine.runtime import Runtime
+from affseg.method import build_pseudo_labeler, build_student, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+def ensure_dataset(config: Config) -> None:
+    """Build the demo set at `data.root` when it is missing and `data.demo` allows it."""
+    root = Path(config.data.root)
+    if config.data.demo and not root.is_dir():
+        if root.parts[-2:] != ("VOCdevkit", "VOC2012"):
+            raise TrainingError(f"data.root: {root} must end in VOCdevkit/VOC2012 to build the demo set there")
+        log.info("building the demo dataset at %s", root)
+        make_demo(root.parent.parent, DemoSpec(seed=config.data.demo_seed))
+
+
+class Trainer:
+    """Teacher, data and heads for one run; `run()` executes it. One head per configuration (today one)."""
+
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = (), resume_from: str | Path | None = None):
+        self.config = config
+        out_dir = writable_folder(Path(config.train.out_dir))
+        self.runtime = Runtime.create(config.train.device, config.train.amp)
+        torch.manual_seed(config.train.seed)
+        ensure_dataset(config)
+        self.teacher = build_teacher(config, self.runtime.device)
+        head = Head(config, build_student(config, self.teacher), build_pseudo_labeler(config), self.runtime,
+                    callbacks, out_dir)
+        self.heads = [head]
+        self.iteration = 0
+        if resume_from is not None:
+            self.iteration = head.restore(load_checkpoint(resume_from))
+        self.hooks = [hook() for hook in DEFAULT_HOOKS]
+        self.step_values: dict[Head, dict[str, float] | None] = {}
+        self.validations: dict[Head, bool] = {}  # heads validated this iteration → is_best
+        data = config.data
+        augment = TrainAugment(data.crop_size, data.scale_min, data.scale_max, data.flip_prob)
+        self.train_set = VocSegmentation(data.root, data.train_split, augment, data.cls_labels, seed=config.train.seed)
+        self.val_set = VocSegmentation(data.root, data.val_split, None, data.cls_labels, limit=data.val_limit)
+        self.pseudo_set = VocSegmentation(data.root, data.train_split, None, data.cls_labels, limit=data.pseudo_subset)
+
+    def active_heads(self) -> list[Head]:
+        return [head for head in self.heads if not head.stopped]
+
+    def _loader(self) -> DataLoader:
+        cfg = self.config
+        sampler = ResumableBatches(len(self.train_set), cfg.train.batch_size, cfg.train.seed,
+                                   start_batch=self.iteration * cfg.train.accumulation)
+        # The loader's own generator: drawing its base seed from the global RNG would shift the
+        # dropout stream of a resumed run (its loader is created after the RNG state is restored).
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        return DataLoader(DrawDataset(self.train_set, cfg.train.seed), batch_sampler=sampler,
+                          num_workers=cfg.data.num_workers, pin_memory=self.runtime.device.type == "cuda",
+                          persistent_workers=cfg.data.num_workers > 0, generator=generator)
+
+    def _step(self, batches) -> dict[Head, dict[str, float] | None]:
+        """One optimiser step of every active head over `accumulation` micro-batches, one teacher pass each.
+
+        Always consumes exactly `accumulation` micro-batches, so batch t stays a function of (seed, t);
+        a head whose loss was not finite sits out the rest of the step (value None)."""
+        heads = self.active_heads()
+        for head in heads:
+            head.begin_step()
+        device = self.runtime.device
+        for _ in range(self.config.train.accumulation):
+            batch = next(batches)
+            training = [head for head in heads if not head.failed]
+            if not training:
+                continue
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            valid = batch["valid"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            with self.runtime.autocast():
+                teacher = self.teacher(images, labels, valid)
+            for head in training:
+                head.micro_batch(teacher, masks, self.iteration)
+        return {head: head.finish_step() for head in heads}
+
+    def _count_nonfinite(self, head: Head) -> None:
+        cfg = self.config.train
+        head.nonfinite += 1
+        log.warning("iteration %d: non-finite loss or update, step skipped (%d so far)", self.iteration, head.nonfinite)
+        if head.nonfinite > cfg.max_nonfinite:
+            raise TrainingError(f"{head.nonfinite} non-finite losses or updates (train.max_nonfinite="
+                                f"{cfg.max_nonfinite}); lower optim.lr or check the data")
+
+    def results(self) -> list[TrainResult]:
+        """One `TrainResult` per head, in head order."""
+        return [
+            TrainResult(
+                best=head.best,
+                best_checkpoint=head.out_dir / BEST_CHECKPOINT if head.best else None,
+                last_checkpoint=head.out_dir / LAST_CHECKPOINT if head.history else None,
+                iterations_done=self.iteration,
+                stopped_early=head.stopped,
+                history=head.history,
+            )
+            for head in self.heads
+        ]
+
+    def run(self) -> TrainResult:
+        """Train until `train.iterations` or until every head has stopped; the first head's result."""
+        for head in self.heads:
+            save_config(head.config, head.out_dir / "config.yaml")
+        for hook in self.hooks:
+            hook.before_train(self)
+        batches = iter(self._loader())
+        while self.iteration < self.config.train.iterations and self.active_heads():
+            self.step_values = self._step(batches)
+            for head, values in self.step_values.items():
+                if values is None:
+                    self._count_nonfinite(head)
+                head.scheduler.step()
+            self.iteration += 1
+            for hook in self.hooks:
+                hook.after_step(self)
+        for hook in self.hooks:
+            hook.after_train(self)
+        return self.results()[0]

@@ -1,0 +1,60 @@
+"""The pseudo-labeler: teacher output + A_f (from `refine_start` on) + refinement settings → pseudo-labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from affseg.config import RefineConfig
+from affseg.method.teacher import TeacherOutput
+from affseg.refine.pseudo import pseudo_labels, refine_cams
+
+
+@dataclass
+class Refinement:
+    """refined (B, 20, h, w) random-walk maps; pseudo (B, H, W) int64 VOC indices (255 = ignore)."""
+
+    refined: Tensor
+    pseudo: Tensor
+
+
+class PseudoLabeler:
+    """One configuration's refinement. `refine_start`: the first iteration at which A_f joins (SPEC §2.4 step 7).
+
+    Always float32: autocast is switched off here, since under it the affinity products and the random
+    walk would run in bf16/fp16 whatever the dtype of their inputs.
+    """
+
+    def __init__(self, settings: RefineConfig, refine_start: int):
+        self.settings = settings
+        self.refine_start = refine_start
+
+    def uses_decoder(self, iteration: int) -> bool:
+        """Whether A_f joins the refinement at `iteration` (optimiser steps done)."""
+        return iteration >= self.refine_start
+
+    @torch.no_grad()
+    def __call__(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Refinement:
+        """aff_dec (B, N, N): the student's A_f (detached here)."""
+        with torch.autocast(teacher.images.device.type, enabled=False):
+            refined = self._refine(teacher, aff_dec, iteration)
+            pseudo = pseudo_labels(refined, teacher.labels, teacher.images.float(), self.settings,
+                                   use_par=self.settings.par.enabled, valid=teacher.valid)
+        return Refinement(refined=refined, pseudo=pseudo)
+
+    @torch.no_grad()
+    def variants(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> dict[str, Tensor]:
+        """Pseudo-labels (B, H, W) three ways: `cam` (raw CAMs), `cam_par` (PAR only), `refined` (training's)."""
+        with torch.autocast(teacher.images.device.type, enabled=False):
+            images, raw = teacher.images.float(), teacher.cams.float()
+            return {
+                "cam": pseudo_labels(raw, teacher.labels, images, self.settings, use_par=False, valid=teacher.valid),
+                "cam_par": pseudo_labels(raw, teacher.labels, images, self.settings, use_par=True, valid=teacher.valid),
+                "refined": self(teacher, aff_dec, iteration).pseudo,
+            }
+
+    def _refine(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Tensor:
+        decoder_aff = aff_dec.detach().float() if self.uses_decoder(iteration) else None
+        return refine_cams(teacher.cams.float(), teacher.aff_enc, decoder_aff, self.settings, cells=teacher.cells)
