@@ -11,22 +11,28 @@ overrides both.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from sqlalchemy.exc import OperationalError
 
 from affseg.callbacks import Callback, TrainResult, ValidationResult
 from affseg.config import Config, TrackingConfig, to_dict
+
+log = logging.getLogger(__name__)
 
 SWEEP_TAG = "affseg.sweep"
 TRIAL_TAG = "affseg.trial"
@@ -35,6 +41,7 @@ STATE_TAG = "state"  # trials: running | completed | pruned | failed; parents: r
 RUN_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}  # MLflow run status per final state; else FINISHED
 ERROR_TAG = "error"
 BEST_PREFIX = "best."  # parent tags best.<config key> = the best trial's value
+VAL_MIOU = "val/miou"  # child metric, one point per validation: how already-logged validations are found
 BEST_MIOU = "best/val/miou"  # child metric: val mIoU of the best checkpoint so far (train picks it by mIoU)
 START_ITERATION = "start_iteration"  # child metric, one point per (re)start: > 0 after resuming a checkpoint
 
@@ -49,6 +56,12 @@ ERROR_TAG_CHARS = 500
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 SQLITE_PREFIX = "sqlite:///"
+SQLITE_BUSY_TIMEOUT_S = 30  # concurrent trials wait this long for SQLite's write lock instead of failing at once
+SQLITE_TIMEOUT_PARAM = "timeout"  # URI query parameter SQLAlchemy's pysqlite dialect passes to sqlite3.connect
+
+RETRY_ATTEMPTS = 4  # tries of one tracking call before a training-time logging failure becomes a warning
+RETRY_BASE_DELAY_S = 0.5  # waits 0.5, 1, 2 s between the tries
+RETRYABLE = (MlflowException, OperationalError, OSError)  # OSError covers requests' connection errors
 # log_table and promotion download artifacts; their progress bars would flood trial logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -63,8 +76,38 @@ def absolute_uri(uri: str) -> str:
     return f"{SQLITE_PREFIX}{path}"
 
 
+def with_busy_timeout(uri: str, seconds: float = SQLITE_BUSY_TIMEOUT_S) -> str:
+    """`sqlite:///x.db` → `sqlite:///x.db?timeout=30`: MLflow hands the URI to `sqlalchemy.create_engine`,
+    whose pysqlite dialect gives `timeout` to `sqlite3.connect`. A timeout already there, or another
+    store, is left alone."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return uri
+    _, _, query = uri.partition("?")
+    if any(part.split("=")[0] == SQLITE_TIMEOUT_PARAM for part in query.split("&")):
+        return uri
+    return f"{uri}{'&' if query else '?'}{SQLITE_TIMEOUT_PARAM}={seconds:g}"
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return absolute_uri(os.environ.get(TRACKING_ENV) or cfg.mlflow_uri)
+    """The store to track into: MLFLOW_TRACKING_URI or `cfg.mlflow_uri`, absolute, with a SQLite busy timeout."""
+    return with_busy_timeout(absolute_uri(os.environ.get(TRACKING_ENV) or cfg.mlflow_uri))
+
+
+T = TypeVar("T")
+
+
+def retrying(call: Callable[..., T], *args: object, attempts: int = RETRY_ATTEMPTS,
+             base_delay: float = RETRY_BASE_DELAY_S, **kwargs: object) -> T:
+    """`call(*args, **kwargs)`, tried again after a transient tracking error (`RETRYABLE`) with exponential
+    backoff (`base_delay`, 2 × `base_delay`, ...); the last attempt's error is raised."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except RETRYABLE:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * 2 ** attempt)
+    raise ValueError(f"retrying: attempts={attempts} must be >= 1")
 
 
 def _local_store(uri: str) -> bool:
@@ -209,43 +252,86 @@ def set_state(client: MlflowClient, run_id: str, state: str, error: str | None =
 
 class MlflowCallback(Callback):
     """Logs one trial into its child run: params, losses and lr, validation metrics, the per-class IoU
-    table, figures, the best checkpoint, and `state` = completed | pruned | failed."""
+    table, figures, the best checkpoint, and `state` = completed | pruned | failed.
+
+    Every tracking call is retried (`retrying`); one that still fails is logged as a warning and training
+    goes on. Each validation iteration is logged once, also when a resumed trial validates it again."""
 
     def __init__(self, ref: TrackingRef, trial_number: int, config: Config | None):
         self.ref, self.trial_number, self.config = ref, trial_number, config
         self.client = ref.client()
         self._run_id: str | None = None
+        self._metric_steps: set[int] | None = None  # steps of `val/miou` already in the run
+        self._table_iterations: set[int] | None = None  # iterations already in PER_CLASS_TABLE
 
     @property
     def run_id(self) -> str:
         if self._run_id is None:
-            self._run_id = child_run(self.ref, self.trial_number, self.config)
+            self._run_id = retrying(child_run, self.ref, self.trial_number, self.config)
         return self._run_id
 
+    def _call(self, method: str, *args: object, **kwargs: object) -> object:
+        return retrying(getattr(self.client, method), *args, **kwargs)
+
+    def _guarded(self, iteration: int, action: Callable[[], None]) -> None:
+        """Run `action`; a tracking error that outlasted its retries becomes a one-line warning."""
+        try:
+            action()
+        except RETRYABLE as error:
+            log.warning("MLflow logging failed after %d attempts at iteration %d: %s; training continues",
+                        RETRY_ATTEMPTS, iteration, f"{type(error).__name__}: {error}".splitlines()[0])
+
     def on_start(self, config: object, start_iteration: int) -> None:
-        self.client.update_run(self.run_id, status="RUNNING")
-        set_state(self.client, self.run_id, "running")
-        self.client.log_batch(self.run_id, metrics=_metrics({START_ITERATION: start_iteration}, start_iteration))
+        def start() -> None:
+            self._call("update_run", self.run_id, status="RUNNING")
+            retrying(set_state, self.client, self.run_id, "running")
+            self._call("log_batch", self.run_id, metrics=_metrics({START_ITERATION: start_iteration}, start_iteration))
+        self._guarded(start_iteration, start)
 
     def on_log(self, iteration: int, values: dict[str, float]) -> None:
-        self.client.log_batch(self.run_id, metrics=_metrics(values, iteration))
+        self._guarded(iteration, lambda: self._call("log_batch", self.run_id, metrics=_metrics(values, iteration)))
+
+    def _logged_steps(self) -> set[int]:
+        """Steps of `val/miou` the run already holds (read once: a resumed trial validates some again)."""
+        if self._metric_steps is None:
+            history = self._call("get_metric_history", self.run_id, VAL_MIOU)
+            self._metric_steps = {m.step for m in history}
+        return self._metric_steps
+
+    def _tabled_iterations(self) -> set[int]:
+        """Iterations PER_CLASS_TABLE already holds (read once)."""
+        if self._table_iterations is None:
+            folder, name = os.path.split(PER_CLASS_TABLE)
+            names = {Path(a.path).name for a in self._call("list_artifacts", self.run_id, folder)}
+            table = retrying(read_table, self.client, self.run_id, PER_CLASS_TABLE) if name in names else None
+            self._table_iterations = set() if table is None else {int(i) for i in table["iteration"]}
+        return self._table_iterations
 
     def on_validation(self, result: ValidationResult, checkpoint: Path, is_best: bool) -> None:
-        metrics = result.metrics() | ({BEST_MIOU: result.miou} if is_best else {})
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, result.iteration))
-        table = result.per_class.assign(iteration=result.iteration)[["iteration", "class", "iou"]]
-        self.client.log_table(self.run_id, table, PER_CLASS_TABLE)
-        for path in result.figures.values():
-            self.client.log_artifact(self.run_id, str(path), FIGURES_DIR)
+        def validate() -> None:
+            if result.iteration not in self._logged_steps():
+                metrics = result.metrics() | ({BEST_MIOU: result.miou} if is_best else {})
+                self._call("log_batch", self.run_id, metrics=_metrics(metrics, result.iteration))
+                self._metric_steps.add(result.iteration)
+            if result.iteration not in self._tabled_iterations():
+                table = result.per_class.assign(iteration=result.iteration)[["iteration", "class", "iou"]]
+                self._call("log_table", self.run_id, table, PER_CLASS_TABLE)
+                self._table_iterations.add(result.iteration)
+            for path in result.figures.values():  # same name again: replaced, not duplicated
+                self._call("log_artifact", self.run_id, str(path), FIGURES_DIR)
+        self._guarded(result.iteration, validate)
 
     def on_end(self, result: TrainResult) -> None:
-        if result.best_checkpoint is not None and Path(result.best_checkpoint).is_file():
-            self.client.log_artifact(self.run_id, str(result.best_checkpoint), CHECKPOINT_DIR)
-        set_state(self.client, self.run_id, "pruned" if result.stopped_early else "completed")
+        def end() -> None:
+            if result.best_checkpoint is not None and Path(result.best_checkpoint).is_file():
+                self._call("log_artifact", self.run_id, str(result.best_checkpoint), CHECKPOINT_DIR)
+            retrying(set_state, self.client, self.run_id, "pruned" if result.stopped_early else "completed")
+        self._guarded(result.iterations_done, end)
 
     def mark_failed(self, error: BaseException) -> None:
         """Called by the trainable when training raised."""
-        set_state(self.client, self.run_id, "failed", f"{type(error).__name__}: {error}")
+        self._guarded(-1, lambda: retrying(set_state, self.client, self.run_id, "failed",
+                                           f"{type(error).__name__}: {error}"))
 
 
 # ---------------------------------------------------------------- the parent's summary
