@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 AFFSEG := $(VENV)/bin/affseg
 export OMP_WAIT_POLICY := PASSIVE
 
-SPACE ?= refine          # sweeps/<SPACE>.yaml: refine | loss | lr | full
+SPACE ?= refine          # sweeps/<SPACE>.yaml: refine | loss | lr | full | stages
 DATA ?= demo             # sweeps/profiles/<DATA>.yaml: demo | voc (voc needs VOC_ROOT and UNICL)
 RESUME ?= 0              # 1 = continue the interrupted sweep of the same SPACE/DATA
 SWEEP ?=                 # sweep name for promote (default: the latest sweep)

@@ -34,12 +34,16 @@ def _with_preset(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from affseg.config import load_config, packaged_config
-    from affseg.progress import PrintProgress
-    from affseg.train import train
+    from affseg.config import dump_config, load_config, packaged_config
 
     overrides = _with_preset(args) + ([f"train.out_dir={args.out}"] if args.out else [])
     config = load_config(args.config or packaged_config("demo"), overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    from affseg.progress import PrintProgress
+    from affseg.train import train
+
     result = train(config, [PrintProgress(config.train.iterations)], resume_from=args.resume)
     return 0 if result.best is not None else 1
 
@@ -117,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default=None, help="output folder (train.out_dir)")
     tr.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
     tr.add_argument("--preset", default=None, help=PRESET_HELP)
+    tr.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. refine.alpha=3")
 
     ev = sub.add_parser("evaluate", help="multi-scale (+CRF) evaluation of a checkpoint or registered model")
@@ -130,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
 
     sw = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over sweeps/<space>.yaml, tracked in MLflow")
-    sw.add_argument("--space", default="refine", help="refine | loss | lr | full, or a path to a space YAML")
+    sw.add_argument("--space", default="refine", help="refine | loss | lr | full | stages, or a path to a space YAML")
     sw.add_argument("--profile", default="demo", help="data profile: demo | voc (sweeps/profiles/)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space/profile")
     sw.add_argument("--name", default=None, help="sweep name (default: derived from space and profile)")

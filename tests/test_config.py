@@ -11,6 +11,7 @@ def test_defaults_are_spec_numbers():
     assert config.train.batch_size == 4 and config.train.accumulation == 2 and config.train.iterations == 30_000
     assert config.refine.refine_start == pytest.approx(1 / 3)
     assert config.refine.sinkhorn_iters == 3 and config.loss.aff_radius == 8 and config.optim.poly_power == 1.0
+    assert config.model.decoder_stages == [3] and config.model.affinity_stages == [3]  # SPEC §5.3
 
 
 def test_yaml_round_trip_and_overrides(tmp_path):
@@ -46,6 +47,11 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ("refine.par.iterations=0", "refine.par.iterations: 0 must be >= 1 (turn PAR off with enabled=false)"),
         ("data.crop_size=100", "data.crop_size: 100 must be a positive multiple of 16"),
         ("data.crop_size=0", "data.crop_size: 0 must be a positive multiple of 16"),
+        ("model.decoder_stages=[]", "model.decoder_stages: [] must list at least one Swin stage (1-4)"),
+        ("model.decoder_stages=[0, 3]", "model.decoder_stages: 0 is not a Swin stage; use 1-4"),
+        ("model.affinity_stages=[3, 5]", "model.affinity_stages: 5 is not a Swin stage; use 1-4"),
+        ("model.affinity_stages=[3, 2, 3]", "model.affinity_stages: [3, 2, 3] lists a stage twice"),
+        ("model.decoder_stages=3", "model.decoder_stages: expected a list of int, got 3"),
     ],
 )
 def test_errors_name_the_key(override, message):
@@ -66,3 +72,21 @@ def test_file_errors_are_one_line(tmp_path):
     wrong.write_text("refine:\n  alpha: 1.5\n")
     with pytest.raises(ConfigError, match="wrong.yaml: refine.alpha: expected an integer, got 1.5"):
         load_config(wrong)
+
+
+def test_stages_take_any_distinct_swin_stages():
+    config = load_config(None, ["model.decoder_stages=[2, 3, 4]", "model.affinity_stages=[1, 4]"])
+    assert config.model.decoder_stages == [2, 3, 4] and config.model.affinity_stages == [1, 4]
+
+
+def test_the_package_keeps_every_name_and_the_packaged_configs():
+    """affseg.config is a package (schema / checks / coercion / loading); its public names and configs stay."""
+    import affseg.config as config
+    from affseg.cli import field_comments
+
+    for name in ("Config", "ConfigError", "CROP_MULTIPLE", "expand_env", "packaged_config", "preset_overrides",
+                 "parse_override", "set_path", "read_yaml", "dump_config"):
+        assert hasattr(config, name), name
+    assert config.PACKAGED_CONFIGS.name == "configs" and config.PACKAGED_CONFIGS.parent.name == "affseg"
+    assert config.packaged_config("demo") == config.PACKAGED_CONFIGS / "demo.yaml"
+    assert "decoder" in field_comments(config.ModelConfig)["decoder_stages"]
