@@ -7,7 +7,6 @@ blocks → per-block MLP (eq. 3.6) → concat → 1×1 conv + dropout = F_u (eq.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from affseg.data.classes import NUM_CLASSES
@@ -61,19 +60,17 @@ class SegDecoder(nn.Module):
         self.head = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, blocks: list[Tensor], out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """blocks: (B, C_k, h_k, w_k) each; those off the first block's h×w are resized (bilinear).
-        out_size: (H, W) of the image the stride-16 grid was computed from.
+        """blocks: (B, C_k, h, w) each, all on the stride-16 grid (the teacher brings other stages there,
+        `affseg.grid.stage_to_grid`). out_size: (H, W) of the image the grid was computed from.
 
         Returns (logits (B, num_classes, *out_size), fused F_u (B, d, h, w)).
         """
         if len(blocks) != len(self.mlps):
             raise ValueError(f"SegDecoder built for {len(self.mlps)} blocks, got {len(blocks)}")
         grid = blocks[0].shape[-2:]
-        projected = []
-        for mlp, block in zip(self.mlps, blocks):
-            if block.shape[-2:] != grid:
-                block = F.interpolate(block, size=grid, mode="bilinear", align_corners=False)
-            projected.append(mlp(block))
+        if any(block.shape[-2:] != grid for block in blocks):
+            raise ValueError(f"SegDecoder blocks must share one grid, got {[tuple(b.shape[-2:]) for b in blocks]}")
+        projected = [mlp(block) for mlp, block in zip(self.mlps, blocks)]
         fused = self.dropout(self.fuse(torch.cat(projected, dim=1)))  # F_u (B, d, h, w)
 
         batch, dim, height, width = fused.shape

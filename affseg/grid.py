@@ -50,3 +50,19 @@ def grid_validity(valid: Tensor, grid: tuple[int, int], stride: int = GRID_STRID
     padded = F.pad(valid, (0, cols * stride - width, 0, rows * stride - height), value=False)
     blocks = padded.view(*valid.shape[:-2], rows, stride, cols, stride)
     return torch.amax(blocks, dim=(-3, -1))
+
+
+def stage_to_grid(block: Tensor, stride: int, grid: tuple[int, int]) -> Tensor:
+    """(B, C, ceil(H/s), ceil(W/s)) block map at stride s → (B, C, h, w) on the stride-16 grid (SPEC §5.3).
+
+    Finer stages (s < 16) are average-pooled with kernel 16/s; a window reaching past the map (its padded
+    extent) averages the cells it covers. Coarser ones (s > 16) are upsampled ×(s/16), bilinear. Both
+    are then cropped to `grid` = (ceil(H/16), ceil(W/16))."""
+    if stride < GRID_STRIDE:
+        ratio = GRID_STRIDE // stride
+        block = F.avg_pool2d(block, kernel_size=ratio, stride=ratio, ceil_mode=True)
+    elif stride > GRID_STRIDE:
+        block = F.interpolate(block, scale_factor=stride // GRID_STRIDE, mode="bilinear", align_corners=False)
+    if block.shape[-2] < grid[0] or block.shape[-1] < grid[1]:
+        raise ValueError(f"a stride-{stride} map of {tuple(block.shape[-2:])} does not cover the grid {tuple(grid)}")
+    return block[..., : grid[0], : grid[1]]

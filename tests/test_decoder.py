@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -10,16 +11,21 @@ from affseg.decoder import SegDecoder
 TINY = {"dim": 16, "mlp_dim": 8, "depth": 2, "heads": 2, "mlp_ratio": 4.0, "dropout": 0.1}
 
 
-def test_shapes_and_block_resizing():
+def test_shapes_and_images_do_not_interact():
     torch.manual_seed(0)
     decoder = SegDecoder([6, 10], **TINY).eval()
-    blocks = [torch.randn(2, 6, 4, 5), torch.randn(2, 10, 2, 3)]  # second block at another stride
+    blocks = [torch.randn(2, 6, 4, 5), torch.randn(2, 10, 4, 5)]
     logits, fused = decoder(blocks, (64, 80))
     assert logits.shape == (2, 21, 64, 80)
     assert fused.shape == (2, 16, 4, 5)
-    # images do not interact
     single, _ = decoder([b[:1] for b in blocks], (64, 80))
     assert torch.allclose(single[0], logits[0], atol=1e-5)
+
+
+def test_blocks_off_the_grid_are_refused():
+    decoder = SegDecoder([6, 10], **TINY)
+    with pytest.raises(ValueError, match="share one grid"):
+        decoder([torch.randn(1, 6, 4, 5), torch.randn(1, 10, 2, 3)], (64, 80))
 
 
 def test_gradients_reach_only_decoder():

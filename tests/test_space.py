@@ -168,6 +168,6 @@ def test_conditional_parameters_sampled_only_when_active():
     assert seen == {"power", "constant"}
 
 
-def test_sweeps_folder_holds_the_four_spaces_and_two_profiles():
-    assert sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")) == ["full", "loss", "lr", "refine"]
+def test_sweeps_folder_holds_the_five_spaces_and_two_profiles():
+    assert sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")) == ["full", "loss", "lr", "refine", "stages"]
     assert sorted(p.stem for p in (SWEEPS_DIR / "profiles").glob("*.yaml")) == ["demo", "voc"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from affseg.backbones.base import GRID_STRIDE, valid_size
 from affseg.cam import CamMethod, compute_cams
-from affseg.grid import grid_validity
+from affseg.grid import grid_validity, stage_to_grid
 from affseg.prompts import ZeroShotClassifier
 from affseg.refine.affinity import encoder_affinities
 
@@ -45,7 +45,8 @@ class TeacherOutput:
 class Teacher(nn.Module):
     """Frozen `DualEncoder` + `ZeroShotClassifier` → `TeacherOutput`.
 
-    cam_block, decoder_blocks, affinity_blocks: indices into the encoder's `features.blocks`;
+    cam_block, decoder_blocks, affinity_blocks: indices into the encoder's `features.blocks` (decoder and
+    affinity blocks may come from any stage: their maps are brought onto the stride-16 grid, SPEC §5.3);
     input_scale, input_shift (1, 3, 1, 1): map ImageNet-normalised pixels to the encoder's statistics.
     """
 
@@ -74,16 +75,21 @@ class Teacher(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor, valid: Tensor | None = None) -> TeacherOutput:
         """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; valid (B, H, W) bool or None."""
-        cells = None if valid is None else grid_validity(valid, valid_size(*images.shape[-2:], GRID_STRIDE))
+        grid = valid_size(*images.shape[-2:], GRID_STRIDE)
+        cells = None if valid is None else grid_validity(valid, grid)
         cams, features = compute_cams(self.encoder, self.classifier, self.encoder_input(images), labels,
                                       self.cam_block, self.cam_method, cells=cells)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):  # affinities in float32
-            aff_enc = encoder_affinities([features.blocks[i].float() for i in self.affinity_blocks])
-        return TeacherOutput(images=images, labels=labels, features=[features.blocks[i] for i in self.decoder_blocks],
+            aff_enc = encoder_affinities([block.float() for block in self._on_grid(features, self.affinity_blocks, grid)])
+        return TeacherOutput(images=images, labels=labels, features=self._on_grid(features, self.decoder_blocks, grid),
                              cams=cams, aff_enc=aff_enc, valid=valid, cells=cells)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> list[Tensor]:
         """The decoder's input blocks only (no CAMs): images (B, 3, H, W) → [(B, C_k, h, w)]."""
-        blocks = self.encoder.encode_image(self.encoder_input(images)).blocks
-        return [blocks[i] for i in self.decoder_blocks]
+        features = self.encoder.encode_image(self.encoder_input(images))
+        return self._on_grid(features, self.decoder_blocks, valid_size(*images.shape[-2:], GRID_STRIDE))
+
+    @staticmethod
+    def _on_grid(features, indices: list[int], grid: tuple[int, int]) -> list[Tensor]:
+        return [stage_to_grid(features.blocks[i], features.block_strides[i], grid) for i in indices]
