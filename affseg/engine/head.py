@@ -16,7 +16,7 @@ import torch
 from affseg.callbacks import Callback, ValidationResult
 from affseg.config import Config, from_dict, to_dict
 from affseg.engine.checkpoint import CHECKPOINT_FORMAT, TrainingError, nonfinite_entry
-from affseg.engine.runtime import Runtime
+from affseg.engine.runtime import RngStream, Runtime
 from affseg.engine.schedule import build_optimiser, build_scheduler
 from affseg.losses import method_losses
 from affseg.method import PseudoLabeler, Student, TeacherOutput
@@ -26,11 +26,13 @@ SCHEDULE_KEYS = ("iterations", "accumulation", "batch_size", "seed")
 
 
 class Head:
-    """One student with everything that trains it. `out_dir` receives its `best.pt` / `last.pt`."""
+    """One student with everything that trains it. `out_dir` receives its `best.pt` / `last.pt`;
+    `rng` is its own random stream (dropout), taken right after the student was built from it."""
 
     def __init__(self, config: Config, student: Student, labeler: PseudoLabeler, runtime: Runtime,
-                 callbacks: Sequence[Callback], out_dir: Path):
+                 callbacks: Sequence[Callback], out_dir: Path, rng: RngStream):
         self.config = config
+        self.rng = rng
         self.student = student
         self.labeler = labeler
         self.runtime = runtime
@@ -68,7 +70,7 @@ class Head:
         if self._failed:
             return
         accumulation = self.config.train.accumulation
-        with self.runtime.autocast():
+        with self.rng.active(), self.runtime.autocast():
             output = self.student(teacher.features, teacher.images.shape[-2:])
             target = self.labeler(teacher, output.aff_dec, iteration).pseudo if self.uses_pseudo_labels else masks
             losses = method_losses(output.logits, output.aff_dec, target, teacher.grid, self.config.loss)
@@ -128,8 +130,8 @@ class Head:
             "optimiser": self.optimiser.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": self.rng.cpu,
+            "cuda_rng": self.rng.cuda,
             "nonfinite": self.nonfinite,
             "best": self.best.to_dict() if self.best else None,
         }
@@ -149,9 +151,7 @@ class Head:
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.rng = RngStream(state["torch_rng"], list(state["cuda_rng"]))
         self.nonfinite = int(state["nonfinite"])
         self.best = ValidationResult.from_dict(state["best"]) if state["best"] else None
         return int(state["iteration"])

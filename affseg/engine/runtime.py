@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,3 +47,31 @@ class Runtime:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler, active only under fp16 (bf16 and fp32 need none)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+@dataclass
+class RngStream:
+    """One head's own torch RNG state (CPU and every CUDA device): its dropout draws are the draws a run
+    of that head alone would make, whichever heads share the process."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+
+    @classmethod
+    def capture(cls) -> "RngStream":
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within: the global RNG is this stream; on exit the stream keeps what was drawn."""
+        self.restore()
+        try:
+            yield
+        finally:
+            fresh = RngStream.capture()
+            self.cpu, self.cuda = fresh.cpu, fresh.cuda

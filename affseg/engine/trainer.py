@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from affseg.callbacks import Callback, TrainResult
-from affseg.config import Config, save_config
+from affseg.config import Config, ConfigError, save_config, to_dict
 from affseg.data.demo import DemoSpec, make_demo
 from affseg.data.sampling import DrawDataset, ResumableBatches
 from affseg.data.transforms import TrainAugment
@@ -19,10 +20,45 @@ from affseg.data.voc import VocSegmentation
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainingError, load_checkpoint, writable_folder
 from affseg.engine.head import Head
 from affseg.engine.hooks import DEFAULT_HOOKS
-from affseg.engine.runtime import Runtime
+from affseg.engine.runtime import RngStream, Runtime
 from affseg.method import build_pseudo_labeler, build_student, build_teacher
 
 log = logging.getLogger(__name__)
+
+# Keys that may differ between the members of a fused group (SPEC §5.4): they act after the teacher.
+FUSABLE_PREFIXES = ("refine.", "loss.")
+FUSABLE_KEYS = ("optim.lr", "optim.warmup_iters", "optim.weight_decay", "train.out_dir")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One configuration of a fused group, with its observers and the checkpoint it resumes from."""
+
+    config: Config
+    callbacks: Sequence[Callback] = ()
+    resume_from: str | Path | None = None
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_fusable(configs: Sequence[Config]) -> None:
+    """One-line ConfigError naming the first key outside the fusable set that differs between members,
+    or a train.out_dir they share."""
+    first = _flat(to_dict(configs[0]))
+    for config in configs[1:]:
+        for key, value in _flat(to_dict(config)).items():
+            fusable = key.startswith(FUSABLE_PREFIXES) or key in FUSABLE_KEYS
+            if value != first[key] and not fusable:
+                raise ConfigError(f"{key}: {first[key]!r} vs {value!r} inside one fused group; it cannot be fused "
+                                  "(only refine.*, loss.*, optim.lr, optim.warmup_iters, optim.weight_decay can)")
+    out_dirs = [config.train.out_dir for config in configs]
+    if len(set(out_dirs)) != len(out_dirs):
+        raise ConfigError(f"train.out_dir: fused members need one folder each, got {out_dirs}")
 
 
 def ensure_dataset(config: Config) -> None:
@@ -36,21 +72,40 @@ def ensure_dataset(config: Config) -> None:
 
 
 class Trainer:
-    """Teacher, data and heads for one run; `run()` executes it. One head per configuration (today one)."""
+    """Teacher, data and heads for one run; `run()` executes it. One head per configuration: `Trainer(config)`
+    trains one, `Trainer.fused(members)` a group sharing data, augmentation and the teacher pass (SPEC §5.4)."""
 
     def __init__(self, config: Config, callbacks: Sequence[Callback] = (), resume_from: str | Path | None = None):
-        self.config = config
-        out_dir = writable_folder(Path(config.train.out_dir))
+        self._setup([Member(config, tuple(callbacks), resume_from)])
+
+    @classmethod
+    def fused(cls, members: Sequence[Member]) -> "Trainer":
+        """K configurations that differ only in fusable keys, each with its own out_dir and callbacks."""
+        trainer = cls.__new__(cls)
+        trainer._setup(list(members))
+        return trainer
+
+    def _setup(self, members: list[Member]) -> None:
+        configs = [member.config for member in members]
+        check_fusable(configs)
+        config = self.config = configs[0]
+        out_dirs = [writable_folder(Path(c.train.out_dir)) for c in configs]
         self.runtime = Runtime.create(config.train.device, config.train.amp)
         torch.manual_seed(config.train.seed)
         ensure_dataset(config)
-        self.teacher = build_teacher(config, self.runtime.device)
-        head = Head(config, build_student(config, self.teacher), build_pseudo_labeler(config), self.runtime,
-                    callbacks, out_dir)
-        self.heads = [head]
-        self.iteration = 0
-        if resume_from is not None:
-            self.iteration = head.restore(load_checkpoint(resume_from))
+        self.teacher = build_teacher(config, self.runtime.device, group=configs)
+        after_teacher = RngStream.capture()  # every member's student is drawn from here, as when trained alone
+        self.heads = []
+        for member, out_dir in zip(members, out_dirs):
+            after_teacher.restore()
+            student = build_student(member.config, self.teacher)
+            self.heads.append(Head(member.config, student, build_pseudo_labeler(member.config), self.runtime,
+                                   member.callbacks, out_dir, RngStream.capture()))
+        starts = {head.restore(load_checkpoint(m.resume_from)) for head, m in zip(self.heads, members)
+                  if m.resume_from is not None}
+        if len(starts) > 1 or (starts and any(m.resume_from is None for m in members)):
+            raise TrainingError(f"resume: the members of a fused group resume from one iteration, got {sorted(starts)}")
+        self.iteration = starts.pop() if starts else 0
         self.hooks = [hook() for hook in DEFAULT_HOOKS]
         self.step_values: dict[Head, dict[str, float] | None] = {}
         self.validations: dict[Head, bool] = {}  # heads validated this iteration → is_best

@@ -1,0 +1,76 @@
+"""Fused trials (SPEC §5.4): K configurations on one teacher pass give, per member, what each gives alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from one_head_reference import _Recorder
+from test_train import tiny_config
+
+from affseg.callbacks import Callback
+from affseg.config import ConfigError
+from affseg.engine.trainer import Member, Trainer
+from affseg.train import train, train_fused
+
+# Same data order and teacher outputs; each student sees the same tensors as alone, so only float
+# reduction order could differ — on one CPU thread count nothing does: equality to 1e-6.
+TOLERANCE = 1e-6
+MEMBERS = (("refine.alpha=1", "loss.lam=0.1", "optim.lr=1e-3"),
+           ("refine.alpha=3", "loss.lam=0.5", "optim.lr=2e-3"),
+           ("refine.n0=4", "refine.box_mask=source", "optim.weight_decay=0.05"))
+SCHEDULE = ("train.iterations=4", "train.val_interval=2", "refine.refine_start=0.5")
+
+
+class StopAtFirstValidation(Callback):
+    def should_stop(self) -> bool:
+        return True
+
+
+def _config(root, out, overrides):
+    return tiny_config(root, out, *SCHEDULE, *overrides)
+
+
+def _same(actual: _Recorder, expected: _Recorder) -> None:
+    assert actual.logs.keys() == expected.logs.keys()
+    for iteration, values in expected.logs.items():
+        for key, value in values.items():
+            assert math.isclose(actual.logs[iteration][key], value, abs_tol=TOLERANCE), (iteration, key)
+    assert len(actual.validations) == len(expected.validations)
+    for got, want in zip(actual.validations, expected.validations):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert math.isclose(got[key], value, abs_tol=TOLERANCE), (want["iteration"], key)
+
+
+def test_each_member_of_a_group_trains_as_it_would_alone(small_demo, tmp_path):
+    alone = []
+    for index, overrides in enumerate(MEMBERS):
+        recorder = _Recorder()
+        train(_config(small_demo, tmp_path / f"alone{index}", overrides), [recorder])
+        alone.append(recorder)
+    fused = [_Recorder() for _ in MEMBERS]
+    stopper = [[], [StopAtFirstValidation()], []]  # member 1 is pruned at its first validation and leaves
+    results = train_fused([Member(_config(small_demo, tmp_path / f"fused{i}", o), [fused[i], *stopper[i]])
+                           for i, o in enumerate(MEMBERS)])
+    _same(fused[0], alone[0])
+    _same(fused[2], alone[2])
+    assert results[1].stopped_early and [v["iteration"] for v in fused[1].validations] == [2]
+    assert fused[1].logs == {k: v for k, v in alone[1].logs.items() if int(k) <= 2}
+    assert not results[0].stopped_early and results[0].iterations_done == 4
+    for index in range(len(MEMBERS)):
+        assert (tmp_path / f"fused{index}" / "last.pt").is_file()
+
+
+def test_a_key_outside_the_fusable_set_is_refused_in_one_line(small_demo, tmp_path):
+    members = [Member(_config(small_demo, tmp_path / "a", ())),
+               Member(_config(small_demo, tmp_path / "b", ("model.decoder_dim=16",)))]
+    with pytest.raises(ConfigError, match=r"^model.decoder_dim: 32 vs 16 inside one fused group; it cannot be fused"):
+        Trainer.fused(members)
+
+
+def test_members_need_their_own_folders(small_demo, tmp_path):
+    members = [Member(_config(small_demo, tmp_path / "a", ("refine.alpha=1",))),
+               Member(_config(small_demo, tmp_path / "a", ("refine.alpha=2",)))]
+    with pytest.raises(ConfigError, match="train.out_dir: fused members need one folder each"):
+        Trainer.fused(members)
