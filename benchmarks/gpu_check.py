@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import resource
 import signal
@@ -179,7 +178,7 @@ def setup_section(work: Path, profile: Profile, device: torch.device) -> list[tu
 
 
 def train_step_section(work: Path, profile: Profile, device: torch.device, deadline: float):
-    from affseg.train import Trainer
+    from affseg.engine.trainer import Trainer
 
     rows = []
     per_size = (deadline - time.perf_counter()) / len(profile.crop_sizes)
@@ -187,7 +186,7 @@ def train_step_section(work: Path, profile: Profile, device: torch.device, deadl
         size_deadline = time.perf_counter() + per_size
         config = voc_config(work, profile, [f"data.crop_size={size}", "data.num_workers=0"])
         trainer = Trainer(config)
-        trainer.iteration = math.ceil(config.refine.refine_start * config.train.iterations)  # A_f takes part
+        trainer.iteration = trainer.heads[0].labeler.refine_start  # A_f takes part
         loader = iter(trainer._loader())
         batches = itertools.cycle([next(loader) for _ in range(2 * profile.accumulation)])
         for _ in range(profile.warmup):
@@ -201,7 +200,7 @@ def train_step_section(work: Path, profile: Profile, device: torch.device, deadl
             sync(device)
             plain.append(time.perf_counter() - start)
             clock = PhaseClock(device)
-            with instrumented(trainer.model, clock):
+            with instrumented(trainer.teacher, [head.student for head in trainer.heads], clock):
                 timed(lambda: trainer._step(batches), clock)
             clocks.append(clock)
         step_s = statistics.median(plain)
@@ -218,12 +217,12 @@ def train_step_section(work: Path, profile: Profile, device: torch.device, deadl
 
 
 def data_pipeline_section(work: Path, profile: Profile, device: torch.device, deadline: float):
-    from affseg.train import Trainer
+    from affseg.engine.trainer import Trainer
 
     rows = []
     for workers in profile.workers:
         trainer_config = voc_config(work, profile, [f"data.num_workers={workers}", f"data.crop_size={profile.crop_sizes[0]}"])
-        trainer = Trainer.__new__(Trainer)  # only the data side of a Trainer: no model
+        trainer = Trainer.__new__(Trainer)  # only the data side of a Trainer: no teacher, no heads
         _data_side(trainer, trainer_config, device)
         loader = iter(trainer._loader())
         next(loader)  # worker start-up
@@ -240,9 +239,10 @@ def _data_side(trainer, config, device: torch.device) -> None:
     """The attributes `Trainer._loader` reads, built as `Trainer.__init__` builds them."""
     from affseg.data.transforms import TrainAugment
     from affseg.data.voc import VocSegmentation
+    from affseg.engine.runtime import Runtime
 
     data = config.data
-    trainer.config, trainer.device, trainer.iteration = config, device, 0
+    trainer.config, trainer.runtime, trainer.iteration = config, Runtime(device, None), 0
     augment = TrainAugment(data.crop_size, data.scale_min, data.scale_max, data.flip_prob)
     trainer.train_set = VocSegmentation(data.root, data.train_split, augment, data.cls_labels, seed=config.train.seed)
 
@@ -287,12 +287,13 @@ def sweep_section(work: Path, profile: Profile, device: torch.device, deadline: 
 
 def evaluate_section(work: Path, profile: Profile, device: torch.device, deadline: float):
     from affseg.evaluate import TrainedModel, evaluate
-    from affseg.model import build_model
+    from affseg.method import build_student, build_teacher
 
     config = voc_config(work, profile, [f"eval.long_side={profile.long_side}", "eval.scales=[1.0,0.75]",
                                         "eval.flip=true", "eval.crf=false"])
     torch.manual_seed(SEED)
-    trained = TrainedModel(build_model(config, device).eval(), config, device)
+    teacher = build_teacher(config, device)
+    trained = TrainedModel(teacher.eval(), build_student(config, teacher).eval(), config, device)
     evaluate(trained, "val", crf=False, limit=1)  # warm-up
     reset_peak(device)
     sync(device)

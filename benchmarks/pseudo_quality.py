@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from affseg.config import load_config, packaged_config  # noqa: E402
 from affseg.data.voc import VocSegmentation  # noqa: E402
 from affseg.metrics import ConfusionMatrix  # noqa: E402
-from affseg.model import build_model  # noqa: E402
+from affseg.method import build_pseudo_labeler, build_student, build_teacher  # noqa: E402
 from affseg.validate import PSEUDO_KINDS, batches_by_size  # noqa: E402
 
 SETTINGS = {
@@ -34,10 +34,14 @@ SETTINGS = {
 
 
 def score(config, dataset) -> dict[str, float]:
-    model = build_model(config).eval()
+    teacher = build_teacher(config).eval()
+    student, labeler = build_student(config, teacher).eval(), build_pseudo_labeler(config)
     matrices = {kind: ConfusionMatrix() for kind in PSEUDO_KINDS}
     for batch in batches_by_size(dataset):
-        variants = model.pseudo_label_variants(batch["image"], batch["labels"], iteration=0)
+        taught = teacher(batch["image"], batch["labels"])
+        with torch.no_grad():
+            aff_dec = student(taught.features, batch["image"].shape[-2:]).aff_dec
+        variants = labeler.variants(taught, aff_dec, iteration=0)
         for kind in PSEUDO_KINDS:
             matrices[kind].update(variants[kind], batch["mask"])
     return {kind: 100 * m.summary().miou for kind, m in matrices.items()}

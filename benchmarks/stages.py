@@ -1,17 +1,19 @@
 """Shared timing code of the training-step benchmarks (`train_step.py`, `gpu_check.py`).
 
 `PhaseClock` times consecutive phases (CUDA-synchronised at every boundary, CUDA peak memory per
-phase, a `torch.profiler` range per phase); `instrumented(model, clock)` attributes the time of the
-REAL `model(...)`, `model.losses` and `.backward()` to the phases by wrapping the functions
-`affseg.model` calls (a stack: a nested call resumes its caller's phase when it returns):
+phase, a `torch.profiler` range per phase); `instrumented(teacher, students, clock)` attributes the
+time of the REAL teacher pass, student forward, pseudo-labels, losses and `.backward()` (as
+`Trainer._step` runs them) to the phases by wrapping the functions `affseg.method.teacher`,
+`affseg.method.student`, `affseg.method.labeler` and `affseg.engine.head` call (a stack: a nested
+call resumes its caller's phase when it returns):
 
 | phase        | what runs                                                                   |
 |--------------|-----------------------------------------------------------------------------|
 | encoder      | `compute_cams` up to the end of the CAM block (the no-grad encoder part)    |
 | grad_cam     | the rest of `compute_cams`: forward from the CAM block, one backward per class slot |
-| refine       | `model.pseudo_labels` without PAR: encoder affinities, Sinkhorn, random walk, boxes |
+| refine       | encoder affinities and `PseudoLabeler` without PAR: Sinkhorn, random walk, boxes |
 | par_pseudo   | `pseudo_labels` (background, PAR, argmax)                                   |
-| decoder_loss | `model.decoder`, `decoder_affinity`, `model.losses`                         |
+| decoder_loss | the student's decoder, `decoder_affinity`, `method_losses`                  |
 | backward     | `Tensor.backward` (the decoder's backward)                                  |
 | rest         | everything else inside the timed call (optimiser step, glue)                |
 """
@@ -22,21 +24,30 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-import affseg.model as model_module
-from affseg.model import UniClAffSeg
+import affseg.engine.head as head_module
+import affseg.method.labeler as labeler_module
+import affseg.method.student as student_module
+import affseg.method.teacher as teacher_module
+from affseg.method import PseudoLabeler, Student, Teacher
 
 PHASES = ("encoder", "grad_cam", "refine", "par_pseudo", "decoder_loss", "backward")
 REST = "rest"
-# functions of affseg.model wrapped by `instrumented`, and their phase
-MODULE_PHASES = {"compute_cams": "encoder", "encoder_affinities": "refine", "refine_cams": "refine",
-                 "pseudo_labels": "par_pseudo", "decoder_affinity": "decoder_loss"}
+# (module, function name) wrapped by `instrumented`, and their phase
+MODULE_PHASES = {
+    (teacher_module, "compute_cams"): "encoder",
+    (teacher_module, "encoder_affinities"): "refine",
+    (student_module, "decoder_affinity"): "decoder_loss",
+    (labeler_module, "refine_cams"): "refine",
+    (labeler_module, "pseudo_labels"): "par_pseudo",
+    (head_module, "method_losses"): "decoder_loss",
+}
 MIB = 2**20
 
 
@@ -109,17 +120,17 @@ class PhaseClock:
         return self.seconds.get(phase, 0.0) * 1e3
 
 
-def block_end_module(model: UniClAffSeg) -> nn.Module:
+def block_end_module(teacher: Teacher) -> nn.Module:
     """The last module that the CAM block calls: its forward hook marks the end of the no-grad part.
 
     UniCL Swin blocks run through `swin.run_block`, whose last module call is the block's MLP;
     CLIP ViT blocks are called as modules.
     """
-    encoder = model.encoder
+    encoder = teacher.encoder
     if hasattr(encoder, "image_encoder"):
         blocks = [block for layer in encoder.image_encoder.layers for block in layer.blocks]
-        return blocks[model.cam_block].mlp
-    return encoder.model.visual.transformer.resblocks[model.cam_block]
+        return blocks[teacher.cam_block].mlp
+    return encoder.model.visual.transformer.resblocks[teacher.cam_block]
 
 
 def _in_phase(function: Callable, phase: str, clock: PhaseClock) -> Callable:
@@ -134,31 +145,30 @@ def _in_phase(function: Callable, phase: str, clock: PhaseClock) -> Callable:
 
 
 @contextlib.contextmanager
-def instrumented(model: UniClAffSeg, clock: PhaseClock) -> Iterator[None]:
-    """Within: calls of `model` (and any `.backward()`) report their phases to `clock` (see module docstring).
+def instrumented(teacher: Teacher, students: Sequence[Student], clock: PhaseClock) -> Iterator[None]:
+    """Within: calls of `teacher`, of the `students`' decoders, of any `PseudoLabeler` and of `method_losses`
+    from a head (and any `.backward()`) report their phases to `clock` (see module docstring).
 
-    A name missing from `affseg.model` raises AttributeError naming it (the model changed: update MODULE_PHASES).
+    A name missing from its module raises AttributeError naming it (the method changed: update MODULE_PHASES).
     """
-    originals = {name: getattr(model_module, name) for name in MODULE_PHASES}
+    originals = {(module, name): getattr(module, name) for module, name in MODULE_PHASES}
+    labeler_call = PseudoLabeler.__call__
     backward = torch.Tensor.backward
-    handles = [
-        block_end_module(model).register_forward_hook(lambda *_: clock.replace("grad_cam")),
-        model.decoder.register_forward_pre_hook(lambda *_: clock.push("decoder_loss")),
-        model.decoder.register_forward_hook(lambda *_: clock.pop()),
-    ]
+    handles = [block_end_module(teacher).register_forward_hook(lambda *_: clock.replace("grad_cam"))]
+    for student in students:
+        handles += [student.decoder.register_forward_pre_hook(lambda *_: clock.push("decoder_loss")),
+                    student.decoder.register_forward_hook(lambda *_: clock.pop())]
     try:
-        for name, phase in MODULE_PHASES.items():
-            setattr(model_module, name, _in_phase(originals[name], phase, clock))
-        model.pseudo_labels = _in_phase(type(model).pseudo_labels.__get__(model), "refine", clock)
-        model.losses = _in_phase(type(model).losses.__get__(model), "decoder_loss", clock)
+        for (module, name), phase in MODULE_PHASES.items():
+            setattr(module, name, _in_phase(originals[module, name], phase, clock))
+        PseudoLabeler.__call__ = _in_phase(labeler_call, "refine", clock)
         torch.Tensor.backward = _in_phase(backward, "backward", clock)
         yield
     finally:
         torch.Tensor.backward = backward
-        for name, function in originals.items():
-            setattr(model_module, name, function)
-        for attribute in ("pseudo_labels", "losses"):
-            model.__dict__.pop(attribute, None)
+        PseudoLabeler.__call__ = labeler_call
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
         for handle in handles:
             handle.remove()
 

@@ -2,7 +2,8 @@
 
 One iteration = one micro-batch (accumulation 1) of `--batch` random images `--size`² with
 CLASSES_PER_IMAGE present classes each, at an iteration past `refine_start` (A_f takes part in the
-refinement). The phases call the model's own functions in the order `UniClAffSeg.forward` does:
+refinement). The phases call the method's own functions in the order `Trainer._step` does (the
+teacher pass, then the head's student, pseudo-labeler and losses):
 
 | phase          | what runs                                                                |
 |----------------|--------------------------------------------------------------------------|
@@ -10,17 +11,17 @@ refinement). The phases call the model's own functions in the order `UniClAffSeg
 | grad_cam       | the rest of `compute_cams`: forward from the CAM block, one backward per class slot |
 | refine         | `encoder_affinities` + `refine_cams` (layer selection, Sinkhorn, random walk, boxes) |
 | par_pseudo     | `pseudo_labels` (background, PAR, argmax)                                |
-| decoder_loss   | `model.decoder` + `decoder_affinity`, and later `model.losses`           |
+| decoder_loss   | the student (decoder + `decoder_affinity`), and later `method_losses`    |
 | backward       | `losses["loss"].backward()`                                              |
 
 The encoder / Grad-CAM boundary is taken by a forward hook on the last module the CAM block calls.
-`step` is the real `model(...)` + `model.losses` + backward, timed on its own (its runs alternate
-with the phased ones) as a cross-check of the phase sum. Times: median of `--repeats` after one
-warm-up, `torch.cuda.synchronize()` at every boundary on CUDA. Memory: the peak of allocated tensor
-memory during a phase above what was allocated when the phase began (CUDA:
-`torch.cuda.max_memory_allocated`; CPU: the allocation events of `torch.profiler` with
-`profile_memory=True`, in one extra, untimed run). CUDA runs under autocast bf16, as training
-does; CPU runs in fp32.
+`step` is the real teacher pass + `Head.micro_batch` (student, pseudo-labels, losses, backward),
+timed on its own (its runs alternate with the phased ones) as a cross-check of the phase sum. Times:
+median of `--repeats` after one warm-up, `torch.cuda.synchronize()` at every boundary on CUDA.
+Memory: the peak of allocated tensor memory during a phase above what was allocated when the phase
+began (CUDA: `torch.cuda.max_memory_allocated`; CPU: the allocation events of `torch.profiler` with
+`profile_memory=True`, in one extra, untimed run). CUDA runs under autocast bf16, as training does;
+CPU runs in fp32.
 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py [--encoders unicl_swin_tiny unicl_swin_b]
         [--batch 4] [--size 224] [--repeats 3] [--device auto|cpu|cuda]
@@ -29,10 +30,8 @@ does; CPU runs in fp32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,8 +41,11 @@ from affseg.backbones.registry import ENCODER_NAMES
 from affseg.cam import compute_cams
 from affseg.config import load_config
 from affseg.data.classes import NUM_FOREGROUND
-from affseg.model import ModelOutput, UniClAffSeg, build_model
-from affseg.refine.affinity import decoder_affinity, encoder_affinities
+from affseg.engine.head import Head
+from affseg.engine.runtime import Runtime
+from affseg.losses import method_losses
+from affseg.method import Teacher, build_pseudo_labeler, build_student, build_teacher
+from affseg.refine.affinity import encoder_affinities
 from affseg.refine.pseudo import pseudo_labels, refine_cams
 from stages import PHASES, PhaseClock, block_end_module, cpu_phase_peaks  # benchmarks/stages.py
 
@@ -54,33 +56,30 @@ SEED = 0
 MIB = 2**20
 
 
-def phased_step(model: UniClAffSeg, images: torch.Tensor, labels: torch.Tensor, iteration: int,
-                autocast: Callable[[], contextlib.AbstractContextManager], clock: PhaseClock) -> None:
-    """One training step, phase by phase, with the model's own functions (see the module docstring)."""
-    model.train()
-    model.decoder.zero_grad(set_to_none=True)
-    config = model.config
-    hook = block_end_module(model).register_forward_hook(lambda *_: clock.switch("grad_cam"))
+def phased_step(teacher: Teacher, head: Head, images: torch.Tensor, labels: torch.Tensor, iteration: int,
+                clock: PhaseClock) -> None:
+    """One training step, phase by phase, with the method's own functions (see the module docstring)."""
+    head.begin_step()
+    config, student, autocast = head.config, head.student, head.runtime.autocast
+    hook = block_end_module(teacher).register_forward_hook(lambda *_: clock.switch("grad_cam"))
     try:
         with autocast():
             clock.switch("encoder")
-            cams, features = compute_cams(model.encoder, model.classifier, images, labels, model.cam_block,
-                                          config.model.cam_method)
+            cams, features = compute_cams(teacher.encoder, teacher.classifier, teacher.encoder_input(images), labels,
+                                          teacher.cam_block, teacher.cam_method)
             clock.switch("decoder_loss")
-            logits, fused = model.decoder([features.blocks[i] for i in model.decoder_blocks], images.shape[-2:])
-            aff_dec = decoder_affinity(fused)
-        # as in UniClAffSeg.pseudo_labels: no grad, float32 (autocast off)
+            output = student([features.blocks[i] for i in teacher.decoder_blocks], images.shape[-2:])
+        # as in Teacher.forward and PseudoLabeler: no grad, float32 (autocast off)
         with torch.no_grad():
             clock.switch("refine")
-            aff_enc = encoder_affinities([features.blocks[i].float() for i in model.affinity_blocks])
-            decoder_aff = aff_dec.detach().float() if model.refinement_active(iteration) else None
+            aff_enc = encoder_affinities([features.blocks[i].float() for i in teacher.affinity_blocks])
+            decoder_aff = output.aff_dec.detach().float() if head.labeler.uses_decoder(iteration) else None
             refined = refine_cams(cams.float(), aff_enc, decoder_aff, config.refine)
             clock.switch("par_pseudo")
             pseudo = pseudo_labels(refined, labels, images.float(), config.refine, use_par=config.refine.par.enabled)
         with autocast():
             clock.switch("decoder_loss")
-            output = ModelOutput(logits=logits, aff_dec=aff_dec, cams=cams, refined=refined, pseudo=pseudo)
-            losses = model.losses(output)
+            losses = method_losses(output.logits, output.aff_dec, pseudo, tuple(cams.shape[-2:]), config.loss)
         clock.switch("backward")
         losses["loss"].backward()
         clock.stop()
@@ -88,15 +87,15 @@ def phased_step(model: UniClAffSeg, images: torch.Tensor, labels: torch.Tensor, 
         hook.remove()
 
 
-def whole_step(model: UniClAffSeg, images: torch.Tensor, labels: torch.Tensor, iteration: int,
-               autocast: Callable[[], contextlib.AbstractContextManager], clock: PhaseClock) -> None:
-    """The same step through `model(...)`, as `Trainer._step` runs it."""
-    model.train()
-    model.decoder.zero_grad(set_to_none=True)
+def whole_step(teacher: Teacher, head: Head, images: torch.Tensor, labels: torch.Tensor, iteration: int,
+               clock: PhaseClock) -> None:
+    """The same step as `Trainer._step` runs one micro-batch: the teacher pass, then `Head.micro_batch`."""
+    head.begin_step()
     clock.switch(STEP)
-    with autocast():
-        losses = model.losses(model(images, labels, iteration))
-    losses["loss"].backward()
+    with head.runtime.autocast():
+        taught = teacher(images, labels)
+    masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.long, device=images.device)  # unused: pseudo
+    head.micro_batch(taught, masks, iteration)
     clock.stop()
 
 
@@ -105,7 +104,10 @@ def measure(name: str, device: torch.device, batch: int, size: int, repeats: int
     config = load_config(None, [f"model.encoder={name}", "model.checkpoint=random", f"train.batch_size={batch}",
                                 "train.accumulation=1", f"data.crop_size={size}"])
     torch.manual_seed(SEED)
-    model = build_model(config, device)
+    runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" else None)  # CPU: fp32
+    teacher = build_teacher(config, device)
+    out_dir = Path(tempfile.gettempdir())  # never written: no hook runs, no checkpoint is saved
+    head = Head(config, build_student(config, teacher), build_pseudo_labeler(config), runtime, [], out_dir)
     iteration = config.train.iterations  # past refine_start: A_f takes part
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
@@ -113,17 +115,13 @@ def measure(name: str, device: torch.device, batch: int, size: int, repeats: int
     for row in range(batch):
         labels[row, torch.randperm(NUM_FOREGROUND, generator=generator)[:CLASSES_PER_IMAGE]] = 1
     labels = labels.to(device)
-    if device.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = contextlib.nullcontext
 
     phased: list[PhaseClock] = []
     whole: list[PhaseClock] = []
     for run in range(WARMUP_RUNS + repeats):  # interleaved: a load change on the machine hits both alike
         for step, clocks in ((phased_step, phased), (whole_step, whole)):
             clock = PhaseClock(device)
-            step(model, images, labels, iteration, autocast, clock)
+            step(teacher, head, images, labels, iteration, clock)
             if run >= WARMUP_RUNS:
                 clocks.append(clock)
     times = {phase: statistics.median(c.seconds[phase] for c in phased) * 1e3 for phase in PHASES}
@@ -136,9 +134,9 @@ def measure(name: str, device: torch.device, batch: int, size: int, repeats: int
         with tempfile.TemporaryDirectory() as folder:
             for step, names in ((phased_step, PHASES), (whole_step, (STEP,))):
                 trace = Path(folder) / "trace.json"
-                model.decoder.zero_grad(set_to_none=True)  # free the last run's gradients before profiling
+                head.optimiser.zero_grad(set_to_none=True)  # free the last run's gradients before profiling
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-                    step(model, images, labels, iteration, autocast, PhaseClock(device))
+                    step(teacher, head, images, labels, iteration, PhaseClock(device))
                 profiler.export_chrome_trace(str(trace))
                 peaks.update(cpu_phase_peaks(trace, names))
     return {phase: (times[phase], peaks[phase] / MIB) for phase in (*PHASES, STEP)}
@@ -175,7 +173,8 @@ def main() -> None:
             values = {phase: value[index] for phase, value in result.items()}
             values["sum"] = sum(values[phase] for phase in PHASES)
             print(f"| {name} | {device.type} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
-    print(f"\nsum = the phases added up; {STEP} = the real model(...) + model.losses + backward, measured alone")
+    print(f"\nsum = the phases added up; {STEP} = the real teacher pass + Head.micro_batch "
+          "(student, pseudo-labels, losses, backward), measured alone")
 
 
 if __name__ == "__main__":
