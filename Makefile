@@ -9,6 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 SPACE ?= refine          # sweeps/<SPACE>.yaml: refine | loss | lr | full | stages
 DATA ?= demo             # sweeps/profiles/<DATA>.yaml: demo | voc (voc needs VOC_ROOT and UNICL)
 RESUME ?= 0              # 1 = continue the interrupted sweep of the same SPACE/DATA
+FUSE ?= 1                # trials trained together on one teacher pass (refine, loss, lr spaces)
 SWEEP ?=                 # sweep name for promote (default: the latest sweep)
 MODEL ?= models:/affseg@champion
 SPLIT ?= val
@@ -44,7 +45,8 @@ train: setup
 
 sweep: setup
 	$(AFFSEG) sweep --space $(strip $(SPACE)) --profile $(strip $(DATA)) $(if $(filter 1,$(strip $(RESUME))),--resume,) \
-		$(if $(strip $(PRESET)),--preset $(strip $(PRESET)),) $(ARGS)
+		$(if $(strip $(PRESET)),--preset $(strip $(PRESET)),) $(if $(filter-out 1,$(strip $(FUSE))),fuse=$(strip $(FUSE)),) \
+		$(ARGS)
 
 promote: setup
 	$(AFFSEG) promote $(if $(strip $(SWEEP)),--sweep $(strip $(SWEEP)),)

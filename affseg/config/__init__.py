@@ -33,10 +33,11 @@ from affseg.config.schema import (
     RefineConfig,
     TrackingConfig,
     TrainConfig,
+    fusable,
 )
 
 __all__ = [
-    "CROP_MULTIPLE", "ENV_PATTERN", "PACKAGED_CONFIGS", "SWIN_STAGES",
+    "fusable", "CROP_MULTIPLE", "ENV_PATTERN", "PACKAGED_CONFIGS", "SWIN_STAGES",
     "Config", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimConfig", "ParConfig",
     "RefineConfig", "TrackingConfig", "TrainConfig",
     "dump_config", "expand_env", "from_dict", "load_config", "packaged_config", "parse_override",

@@ -172,3 +172,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Keys that may differ between the members of a fused group (SPEC §5.4): they act after the teacher.
+FUSABLE_PREFIXES = ("refine.", "loss.")
+FUSABLE_KEYS = ("optim.lr", "optim.warmup_iters", "optim.weight_decay", "train.out_dir")
+
+
+def fusable(key: str) -> bool:
+    """Whether a dotted config key may differ between the members of a fused group."""
+    return key.startswith(FUSABLE_PREFIXES) or key in FUSABLE_KEYS

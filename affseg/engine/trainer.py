@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from affseg.callbacks import Callback, TrainResult
-from affseg.config import Config, ConfigError, save_config, to_dict
+from affseg.config import Config, ConfigError, fusable, save_config, to_dict
 from affseg.data.demo import DemoSpec, make_demo
 from affseg.data.sampling import DrawDataset, ResumableBatches
 from affseg.data.transforms import TrainAugment
@@ -25,9 +25,6 @@ from affseg.method import build_pseudo_labeler, build_student, build_teacher
 
 log = logging.getLogger(__name__)
 
-# Keys that may differ between the members of a fused group (SPEC §5.4): they act after the teacher.
-FUSABLE_PREFIXES = ("refine.", "loss.")
-FUSABLE_KEYS = ("optim.lr", "optim.warmup_iters", "optim.weight_decay", "train.out_dir")
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,7 @@ def check_fusable(configs: Sequence[Config]) -> None:
     first = _flat(to_dict(configs[0]))
     for config in configs[1:]:
         for key, value in _flat(to_dict(config)).items():
-            fusable = key.startswith(FUSABLE_PREFIXES) or key in FUSABLE_KEYS
-            if value != first[key] and not fusable:
+            if value != first[key] and not fusable(key):
                 raise ConfigError(f"{key}: {first[key]!r} vs {value!r} inside one fused group; it cannot be fused "
                                   "(only refine.*, loss.*, optim.lr, optim.warmup_iters, optim.weight_decay can)")
     out_dirs = [config.train.out_dir for config in configs]

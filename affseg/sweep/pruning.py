@@ -127,19 +127,30 @@ class TrialLink:
         return trial.should_prune()
 
 
+def member_key(number: int, key: str) -> str:
+    """A fused group reports each member's metrics under `<optuna number>/<key>`."""
+    return f"{number}/{key}"
+
+
 class OptunaBridge(Searcher):
     """Ray Tune searcher: asks Optuna for each trial's parameters and tells it every outcome.
 
-    A suggested config is `{"params": {dotted key: value}, "optuna_trial": number}`. The study is opened
-    lazily (the searcher is pickled into Ray's experiment state); `save`/`restore` keep the Ray trial id →
-    Optuna number map, so a restored sweep tells the right trials. Optuna trials left RUNNING by a killed
-    driver that Ray never recorded are told FAIL when the study is next opened.
+    A suggested config is `{"params": {dotted key: value}, "optuna_trial": number}`; with `spec.fuse` > 1 it
+    is a group `{"members": [such configs]}` (one Ray trial training them on one teacher pass, SPEC §5.4),
+    whose results carry each member's keys as `member_key(number, key)`: a member is told PRUNED as soon as
+    its result says so, the others when the group ends. The study is opened lazily (the searcher is
+    pickled into Ray's experiment state); `save`/`restore` keep the Ray trial id → Optuna number map, so a
+    restored sweep tells the right trials. Optuna trials left RUNNING by a killed driver that Ray never
+    recorded are told FAIL when the study is next opened.
     """
 
     def __init__(self, spec: SweepSpec, ref: StudyRef):
         super().__init__(metric=OBJECTIVE_KEY, mode=spec.mode)
         self.spec, self.ref = spec, ref
-        self.numbers: dict[str, int] = {}  # Ray trial id → Optuna trial number
+        self.numbers: dict[str, int] = {}  # Ray trial id → Optuna trial number (fuse = 1)
+        self.groups: dict[str, list[int]] = {}  # Ray trial id → its members' Optuna numbers (fuse > 1)
+        self.objectives: dict[int, float] = {}  # a group member's running best, from its latest result
+        self.asked = 0  # Optuna trials asked so far: the budget is spec.trials, groups may end smaller
         self._study: optuna.Study | None = None
 
     def __getstate__(self) -> dict:
@@ -155,7 +166,7 @@ class OptunaBridge(Searcher):
         return self._study
 
     def _fail_orphans(self) -> None:
-        known = set(self.numbers.values())
+        known = set(self.numbers.values()) | {n for group in self.groups.values() for n in group}
         for trial in self._study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if trial.number not in known:
                 log.warning("optuna trial %d was started by a driver that died before Ray recorded it: FAIL",
@@ -165,13 +176,35 @@ class OptunaBridge(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
         return True  # the space comes from the SweepSpec; Tune's param_space carries no distributions
 
-    def suggest(self, trial_id: str) -> dict[str, Any]:
+    def _ask(self) -> dict[str, Any]:
         trial = self.study.ask()
-        params = self.spec.sample(trial)
-        self.numbers[trial_id] = trial.number
-        return {"params": params, "optuna_trial": trial.number}
+        self.asked += 1
+        return {"params": self.spec.sample(trial), "optuna_trial": trial.number}
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.spec.fuse == 1:
+            config = self._ask()
+            self.numbers[trial_id] = config["optuna_trial"]
+            return config
+        size = min(self.spec.fuse, self.spec.trials - self.asked)
+        if size < 1:
+            return Searcher.FINISHED
+        members = [self._ask() for _ in range(size)]
+        self.groups[trial_id] = [member["optuna_trial"] for member in members]
+        return {"members": members}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        states = optuna.trial.TrialState
+        for number in self.groups.get(trial_id, ()):
+            if member_key(number, OBJECTIVE_KEY) in result:
+                self.objectives[number] = float(result[member_key(number, OBJECTIVE_KEY)])
+            if result.get(member_key(number, PRUNED_KEY)):
+                self.study.tell(number, state=states.PRUNED, skip_if_finished=True)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.groups:
+            self._complete_group(trial_id, result or {}, error)
+            return
         number = self.numbers.get(trial_id)
         if number is None:
             return
@@ -185,11 +218,25 @@ class OptunaBridge(Searcher):
         else:  # ended without a single validation
             self.study.tell(number, state=states.FAIL, skip_if_finished=True)
 
+    def _complete_group(self, trial_id: str, result: dict, error: bool) -> None:
+        """Members still running when the group ended: FAIL on error, else their running best (COMPLETE)."""
+        self.on_trial_result(trial_id, result)
+        states = optuna.trial.TrialState
+        for number in self.groups[trial_id]:
+            if error or number not in self.objectives:
+                self.study.tell(number, state=states.FAIL, skip_if_finished=True)
+            else:
+                self.study.tell(number, self.objectives[number], skip_if_finished=True)
+
     def get_state(self) -> dict:
-        return {"numbers": dict(self.numbers)}
+        return {"numbers": dict(self.numbers), "groups": dict(self.groups), "objectives": dict(self.objectives),
+                "asked": self.asked}
 
     def set_state(self, state: dict) -> None:
         self.numbers = dict(state["numbers"])
+        self.groups = {key: list(value) for key, value in state.get("groups", {}).items()}
+        self.objectives = dict(state.get("objectives", {}))
+        self.asked = int(state.get("asked", len(self.numbers)))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as file:

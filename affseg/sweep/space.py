@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from affseg.config import Config, ConfigError, from_dict, packaged_config, parse_override, read_yaml, set_path
+from affseg.config import Config, ConfigError, from_dict, fusable, packaged_config, parse_override, read_yaml, set_path
 
 # The repository's top-level sweeps/ folder, installed as package affseg.sweeps (pyproject.toml).
 SWEEPS_DIR = Path(str(importlib.resources.files("affseg.sweeps")))
@@ -46,7 +46,8 @@ MODES = ("max", "min")
 METRICS = ("val/miou", "val/pixel_acc", "val/mean_acc", "pseudo/cam", "pseudo/cam_par", "pseudo/refined")
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
-SETTING_KEYS = ("metric", "mode", "trials", "concurrency", "max_failures", "cpus_per_trial", "pruner", "sampler")
+SETTING_KEYS = ("metric", "mode", "trials", "concurrency", "max_failures", "cpus_per_trial", "pruner", "sampler",
+                "fuse")
 SPACE_KEYS = ("include", "parameters", "conditions", "base", *SETTING_KEYS)
 PROFILE_KEYS = ("config", "base", "parameters", *SETTING_KEYS)
 
@@ -103,11 +104,12 @@ class SweepSpec:
     metric: str  # one of METRICS, reported at every validation
     mode: str  # max | min
     trials: int  # the trial budget
-    concurrency: int  # parallel trials when no GPU is visible (with GPUs: one per GPU)
+    concurrency: int  # parallel trials (groups when fuse > 1) when no GPU is visible (with GPUs: one per GPU)
     max_failures: int  # restarts of a trial from its last checkpoint when its worker dies or it raises
     cpus_per_trial: int
     pruner: PrunerSpec
     seed: int  # the TPE sampler's seed
+    fuse: int = 1  # trials trained together on one teacher pass (SPEC §5.4); 1 = every trial alone
 
     def sample(self, trial) -> dict[str, Any]:
         """Define-by-run: ask `trial` for every parameter whose condition holds; returns {key: value}."""
@@ -127,7 +129,7 @@ class SweepSpec:
 
 DEFAULT_SETTINGS: dict[str, Any] = {  # the lowest layer, under every profile and space
     "metric": "val/miou", "mode": "max", "trials": 8, "concurrency": 1, "max_failures": 2, "cpus_per_trial": 1,
-    "pruner": dataclasses.asdict(PrunerSpec()), "sampler": {"seed": 0},
+    "pruner": dataclasses.asdict(PrunerSpec()), "sampler": {"seed": 0}, "fuse": 1,
 }
 
 
@@ -293,7 +295,7 @@ def _settings(values: dict, source: str) -> dict:
             _fail(where, f"{value!r} is not reported by trials; choose one of {', '.join(METRICS)}")
         elif key == "mode" and value not in MODES:
             _fail(where, f"{value!r} is not allowed; choose one of {', '.join(MODES)}")
-        elif key in ("trials", "concurrency", "cpus_per_trial", "max_failures"):
+        elif key in ("trials", "concurrency", "cpus_per_trial", "max_failures", "fuse"):
             value = _number(value, where, integer=True)
             minimum = 0 if key == "max_failures" else 1
             if value < minimum:
@@ -454,11 +456,22 @@ def load_space(name_or_path: str | Path, profile: str = "demo", overrides: typin
     except ConfigError as err:
         raise ConfigError(f"{path} over profile {profile}: base: {err}") from None
     settings = layer.settings
+    if settings["fuse"] > 1:
+        _check_fusable(layer.parameters, f"{path} over profile {profile}")
     ordered = sorted(layer.parameters.values(), key=lambda p: p.when is not None)
     return SweepSpec(
         name=path.stem, profile=profile, path=path, parameters=tuple(ordered), base=layer.base,
         metric=settings["metric"], mode=settings["mode"], trials=settings["trials"],
         concurrency=settings["concurrency"], max_failures=settings["max_failures"],
         cpus_per_trial=settings["cpus_per_trial"], pruner=PrunerSpec(**settings["pruner"]),
-        seed=settings["sampler"]["seed"],
+        seed=settings["sampler"]["seed"], fuse=settings["fuse"],
     )
+
+
+def _check_fusable(parameters: dict[str, Parameter], source: str) -> None:
+    """With fuse > 1 every swept key must act after the teacher (SPEC §5.4); one line naming the first that does not."""
+    for key in parameters:
+        if not fusable(key):
+            raise ConfigError(f"{source}: parameters.{key} cannot be fused (fuse > 1 shares the teacher pass, so only "
+                              "refine.*, loss.*, optim.lr, optim.warmup_iters, optim.weight_decay may vary); "
+                              "sweep it with fuse=1")

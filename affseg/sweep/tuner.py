@@ -27,8 +27,10 @@ from ray import tune
 from affseg.backbones.demo_weights import RANDOM_WEIGHTS
 from affseg.callbacks import Callback, ValidationResult
 from affseg.config import Config, ConfigError
+from affseg.sweep.groups import members_of
 from affseg.sweep.pruning import (
-    OBJECTIVE_KEY, PRUNED_KEY, OptunaBridge, StudyRef, TrialLink, absolute_storage, create_study, open_storage,
+    OBJECTIVE_KEY, PRUNED_KEY, OptunaBridge, StudyRef, TrialLink, absolute_storage, create_study, member_key,
+    open_storage,
 )
 from affseg.sweep.space import PROFILES_DIR, SweepSpec, load_space
 from affseg.sweep.tracking import (
@@ -87,11 +89,15 @@ class TuneReporter(Callback):
 
     The verdict is returned by `should_stop()` and reported as `pruned`. Pruning at the final
     validation is not pruning (training ends there anyway), so it is never reported there.
+    A member of a fused group hands its report to the group's `sink` (`affseg.sweep.groups.GroupSink`),
+    which reports all members of one validation together.
     """
 
-    def __init__(self, link: TrialLink, metric: str, mode: str, out_dir: Path, objective: float | None = None):
+    def __init__(self, link: TrialLink, metric: str, mode: str, out_dir: Path, objective: float | None = None,
+                 sink: Callable[["TuneReporter", dict, Path], None] | None = None):
         self.link, self.metric, self.mode, self.out_dir = link, metric, mode, out_dir
         self.objective = objective
+        self.sink = sink or _report_alone
         self.total = 0
         self.prune = False
 
@@ -106,11 +112,12 @@ class TuneReporter(Callback):
         self.prune = self.link.should_prune(result.iteration, value) and result.iteration < self.total
         report = {**metrics, ITERATION_KEY: result.iteration, OBJECTIVE_KEY: self.objective,
                   PRUNED_KEY: float(self.prune)}
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(self._stage(checkpoint))))
+        self.sink(self, report, checkpoint)
 
-    def _stage(self, last: Path) -> Path:
-        """A folder with last.pt, best.pt and the running objective (hard links where possible)."""
-        stage = self.out_dir / STAGE_DIR
+    def stage(self, last: Path, stage: Path | None = None) -> Path:
+        """A folder (default `out_dir/STAGE_DIR`) with last.pt, best.pt and the running objective (hard links
+        where possible)."""
+        stage = stage or self.out_dir / STAGE_DIR
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         for path in (last, last.parent / BEST_CHECKPOINT):
@@ -121,6 +128,10 @@ class TuneReporter(Callback):
 
     def should_stop(self) -> bool:
         return self.prune
+
+
+def _report_alone(reporter: TuneReporter, report: dict, checkpoint: Path) -> None:
+    tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(reporter.stage(checkpoint))))
 
 
 def _restore(out_dir: Path) -> tuple[Path | None, float | None]:
@@ -142,8 +153,13 @@ def trial_scratch() -> Path:
 
 
 def run_trial(trial_config: dict, context: TrialContext) -> None:
-    """The Ray Tune trainable: one training run with the trial's parameters."""
+    """The Ray Tune trainable: one training run with the trial's parameters (a fused group: `run_group`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "members" in trial_config:
+        from affseg.sweep.groups import run_group
+
+        run_group(trial_config["members"], context)
+        return
     number = trial_config["optuna_trial"]
     link = TrialLink(context.study, number)
     if link.finished():  # a restored sweep re-queued a trial whose outcome Optuna already has
@@ -175,34 +191,54 @@ class ProgressPrinter(tune.Callback):
 
     def __init__(self, metric: str):
         self.metric = metric
+        self.ended: set[int] = set()  # members of fused groups already reported pruned
 
     @staticmethod
     def _print(text: str) -> None:
         print(text, flush=True)
 
+    @staticmethod
+    def _members(trial) -> list[tuple[int, Callable[[str], str]]]:
+        """(Optuna number, result key of that member) for each trial a Ray trial trains."""
+        if "members" not in trial.config:
+            return [(trial.config["optuna_trial"], lambda key: key)]
+        return [(m["optuna_trial"], lambda key, n=m["optuna_trial"]: member_key(n, key))
+                for m in trial.config["members"]]
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.config["params"].items())
-        self._print(f"trial {trial.config['optuna_trial']:>3} ({trial.trial_id}) started: {params}")
+        fused = f", fused group {trial.trial_id}" if "members" in trial.config else f" ({trial.trial_id})"
+        for member in members_of(trial.config):
+            params = ", ".join(f"{k}={_short(v)}" for k, v in member["params"].items())
+            self._print(f"trial {member['optuna_trial']:>3}{fused} started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        pruned = "  -> pruned" if result.get(PRUNED_KEY) else ""
-        self._print(f"trial {trial.config['optuna_trial']:>3}  iter {result.get(ITERATION_KEY, 0):>6}  "
-                    f"{self.metric} {result.get(self.metric, float('nan')):.4f}  "
-                    f"best {result.get(OBJECTIVE_KEY, float('nan')):.4f}{pruned}")
+        for number, key in self._members(trial):
+            if key(ITERATION_KEY) not in result:
+                continue
+            pruned = result.get(key(PRUNED_KEY))
+            if pruned and "members" in trial.config:
+                self.ended.add(number)
+            self._print(f"trial {number:>3}  iter {result.get(key(ITERATION_KEY), 0):>6}  "
+                        f"{self.metric} {result.get(key(self.metric), float('nan')):.4f}  "
+                        f"best {result.get(key(OBJECTIVE_KEY), float('nan')):.4f}{'  -> pruned' if pruned else ''}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        state = "pruned" if result.get(PRUNED_KEY) else "completed"
-        self._print(f"trial {trial.config['optuna_trial']:>3} {state}: best {self.metric} "
-                    f"{result.get(OBJECTIVE_KEY, float('nan')):.4f}")
+        for number, key in self._members(trial):
+            if number in self.ended:
+                continue
+            state = "pruned" if result.get(key(PRUNED_KEY)) else "completed"
+            self._print(f"trial {number:>3} {state}: best {self.metric} {result.get(key(OBJECTIVE_KEY), float('nan')):.4f}")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self._print(f"trial {trial.config['optuna_trial']:>3} lost its worker or raised; restarting from its last checkpoint")
+        for number, _ in self._members(trial):
+            self._print(f"trial {number:>3} lost its worker or raised; restarting from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        self._print(f"trial {trial.config['optuna_trial']:>3} failed: {lines[-1] if lines else 'see the Ray trial folder'}")
+        for number, _ in self._members(trial):
+            self._print(f"trial {number:>3} failed: {lines[-1] if lines else 'see the Ray trial folder'}")
 
 
 def _short(value: object) -> str:
@@ -210,6 +246,8 @@ def _short(value: object) -> str:
 
 
 def trial_dirname(trial) -> str:
+    if "members" in trial.config:
+        return f"group_{trial.config['members'][0]['optuna_trial']:03d}_{trial.trial_id}"
     return f"trial_{trial.config['optuna_trial']:03d}_{trial.trial_id}"
 
 
@@ -324,11 +362,13 @@ def _start_ray() -> bool:
 
 
 def _resources(spec: SweepSpec) -> tuple[dict[str, float], int]:
-    """Per-trial resources and how many trials run at once: one GPU each when the cluster has GPUs."""
+    """Per-trial resources and how many Ray trials (fused groups) run at once: one GPU each when the cluster
+    has GPUs; without, `concurrency`, but one group at a time when trials are fused (later groups are then
+    pruned against earlier ones, and a group already uses the cores)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return {"cpu": spec.cpus_per_trial, "gpu": 1}, gpus
-    return {"cpu": spec.cpus_per_trial}, spec.concurrency
+    return {"cpu": spec.cpus_per_trial}, spec.concurrency if spec.fuse == 1 else 1
 
 
 def resource_shortfall(requested: dict[str, float], nodes: list[dict[str, float]], autoscaling: bool) -> str | None:
@@ -362,6 +402,11 @@ def _autoscaling(started: bool) -> bool:
     return not started and bool(os.environ.get(RAY_ADDRESS_ENV))
 
 
+def ray_trials(spec: SweepSpec) -> int:
+    """Ray Tune trials of the sweep: one per trial, or one per fused group of `spec.fuse` (the last may be smaller)."""
+    return -(-spec.trials // spec.fuse)
+
+
 def _records(study: optuna.Study, runs: dict[int, object]) -> list[TrialRecord]:
     """Optuna's view of every trial (a pruned trial's value is its last reported one) + its MLflow run."""
     return [
@@ -383,12 +428,18 @@ def _per_class(grid: tune.ResultGrid, best: TrialRecord | None, metric: str, mod
     if best is None:
         return None
     for result in grid:
-        if result.config and result.config.get("optuna_trial") == best.number and result.metrics_dataframe is not None:
-            frame = result.metrics_dataframe.dropna(subset=[metric])
+        numbers = [m["optuna_trial"] for m in members_of(result.config)] if result.config else []
+        if best.number in numbers and result.metrics_dataframe is not None:
+            prefix = member_key(best.number, "") if "members" in result.config else ""
+            column = prefix + metric
+            if column not in result.metrics_dataframe:
+                return None
+            frame = result.metrics_dataframe.dropna(subset=[column])
             if frame.empty:
                 return None
-            row = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
-            ious = {c[len("iou/"):]: row[c] for c in frame.columns if c.startswith("iou/")}
+            row = frame.loc[frame[column].idxmax() if mode == "max" else frame[column].idxmin()]
+            iou = prefix + "iou/"
+            ious = {c[len(iou):]: row[c] for c in frame.columns if c.startswith(iou)}
             return pd.DataFrame({"class": list(ious), "iou": list(ious.values())}).dropna().reset_index(drop=True)
     return None
 
@@ -423,7 +474,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     if not resume:
         _store_spec(experiment, spec, overrides)
     settings = {"space": spec.name, "profile": spec.profile, "metric": spec.metric, "mode": spec.mode,
-                "trials": spec.trials, "pruner": spec.pruner.type, "seed": spec.seed}
+                "trials": spec.trials, "pruner": spec.pruner.type, "seed": spec.seed, "fuse": spec.fuse}
     parent = parent_run(client, experiment_id, sweep, [spec.path, PROFILES_DIR / f"{spec.profile}.yaml"], settings)
     tracking = TrackingRef(tracking_uri(base.tracking), experiment_id, sweep, parent)
     study_ref = StudyRef(base.tracking.optuna_storage, sweep, spec.pruner)
@@ -439,7 +490,8 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
         if waiting:
             print(waiting, flush=True)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-        print(f"sweep {sweep}: space {spec.path.name}, profile {spec.profile}, {spec.trials} trials, "
+        grouping = f" in fused groups of {spec.fuse}" if spec.fuse > 1 else ""
+        print(f"sweep {sweep}: space {spec.path.name}, profile {spec.profile}, {spec.trials} trials{grouping}, "
               f"{concurrency} at a time on {resources}{' (resumed)' if resume else ''}", flush=True)
         if resume:
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
@@ -448,7 +500,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=OptunaBridge(spec, study_ref), metric=OBJECTIVE_KEY, mode=spec.mode,
-                    num_samples=spec.trials, max_concurrent_trials=concurrency, reuse_actors=True,
+                    num_samples=ray_trials(spec), max_concurrent_trials=concurrency, reuse_actors=True,
                     trial_dirname_creator=trial_dirname,
                 ),
                 run_config=tune.RunConfig(
@@ -467,7 +519,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     records = _records(study, child_runs(client, experiment_id, sweep))
     sync_states(client, records)
     best = _best(records, spec.mode)
-    interrupted = len(grid) < spec.trials or any(r.state == "running" for r in records)
+    interrupted = len(grid) < ray_trials(spec) or any(r.state == "running" for r in records)
     finish_parent(client, tracking, records, spec.metric, best, "interrupted" if interrupted else "completed")
     summary = SweepSummary(sweep, experiment, parent, spec.metric, records, best,
                            _per_class(grid, best, spec.metric, spec.mode), interrupted)
