@@ -74,3 +74,15 @@ def test_members_need_their_own_folders(small_demo, tmp_path):
                Member(_config(small_demo, tmp_path / "a", ("refine.alpha=2",)))]
     with pytest.raises(ConfigError, match="train.out_dir: fused members need one folder each"):
         Trainer.fused(members)
+
+
+def test_heads_with_the_same_par_settings_share_one_image_kernel(small_demo, tmp_path, monkeypatch):
+    import affseg.method.labeler
+
+    calls = []
+    original = affseg.method.labeler.image_kernel
+    monkeypatch.setattr(affseg.method.labeler, "image_kernel", lambda *a, **k: calls.append(1) or original(*a, **k))
+    members = [Member(_config(small_demo, tmp_path / str(i), o)) for i, o in enumerate(MEMBERS)]
+    trainer = Trainer.fused(members)
+    trainer._step(iter(trainer._loader()))
+    assert len(calls) == trainer.config.train.accumulation  # one per micro-batch, not one per head

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from affseg.config import RefineConfig
 from affseg.method.teacher import TeacherOutput
+from affseg.refine.par import image_kernel
 from affseg.refine.pseudo import pseudo_labels, refine_cams
 
 
@@ -40,20 +41,31 @@ class PseudoLabeler:
         """aff_dec (B, N, N): the student's A_f (detached here)."""
         with torch.autocast(teacher.images.device.type, enabled=False):
             refined = self._refine(teacher, aff_dec, iteration)
-            pseudo = pseudo_labels(refined, teacher.labels, teacher.images.float(), self.settings,
-                                   use_par=self.settings.par.enabled, valid=teacher.valid)
+            use_par = self.settings.par.enabled
+            pseudo = pseudo_labels(refined, teacher.labels, teacher.images.float(), self.settings, use_par=use_par,
+                                   valid=teacher.valid, par_kernel=self._par_kernel(teacher) if use_par else None)
         return Refinement(refined=refined, pseudo=pseudo)
 
     @torch.no_grad()
     def variants(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> dict[str, Tensor]:
         """Pseudo-labels (B, H, W) three ways: `cam` (raw CAMs), `cam_par` (PAR only), `refined` (training's)."""
         with torch.autocast(teacher.images.device.type, enabled=False):
-            images, raw = teacher.images.float(), teacher.cams.float()
+            images, raw, labels = teacher.images.float(), teacher.cams.float(), teacher.labels
+            kernel = self._par_kernel(teacher)
             return {
-                "cam": pseudo_labels(raw, teacher.labels, images, self.settings, use_par=False, valid=teacher.valid),
-                "cam_par": pseudo_labels(raw, teacher.labels, images, self.settings, use_par=True, valid=teacher.valid),
+                "cam": pseudo_labels(raw, labels, images, self.settings, use_par=False, valid=teacher.valid),
+                "cam_par": pseudo_labels(raw, labels, images, self.settings, use_par=True, valid=teacher.valid,
+                                         par_kernel=kernel),
                 "refined": self(teacher, aff_dec, iteration).pseudo,
             }
+
+    def _par_kernel(self, teacher: TeacherOutput) -> Tensor:
+        """PAR's image kernel of this batch under these settings, shared with every head that has the same."""
+        p = self.settings.par
+        key = ("par_kernel", tuple(p.dilations), p.w1, p.w2, p.scale)
+        if key not in teacher.shared:
+            teacher.shared[key] = image_kernel(teacher.images.float(), p.dilations, p.w1, p.w2, p.scale)
+        return teacher.shared[key]
 
     def _refine(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Tensor:
         decoder_aff = aff_dec.detach().float() if self.uses_decoder(iteration) else None

@@ -6,7 +6,7 @@ serves every student trained on the same batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,8 @@ class TeacherOutput:
     input blocks, each (B, C_k, h, w), detached; cams (B, 20, h, w) min-max CAMs (0 for absent
     classes and padding); aff_enc (B, L, N, N) float32 encoder affinities of the last L affinity
     blocks; valid (B, H, W) bool, False on crop padding, and cells (B, h, w) its grid form (both None
-    when every pixel is image).
+    when every pixel is image). `shared` holds what pseudo-labelers derive from the batch alone (PAR's
+    image kernel per PAR setting), computed by the first head that needs it and reused by the others.
     """
 
     images: Tensor
@@ -36,6 +37,7 @@ class TeacherOutput:
     aff_enc: Tensor
     valid: Tensor | None = None
     cells: Tensor | None = None
+    shared: dict = field(default_factory=dict)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -71,24 +71,41 @@ def _propagate(kernel: Tensor, maps: Tensor, dilations: list[int], iterations: i
     return maps
 
 
+def _working_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))) if scale < 1.0 else tuple(size)
+
+
+@torch.no_grad()
+def image_kernel(images: Tensor, dilations: list[int], w1: float, w2: float, scale: float = 1.0) -> Tensor:
+    """κ of `images` (B, 3, H, W) at PAR's working size (H, W scaled by `scale`) → (B, P, h', w').
+
+    It depends on the images and the PAR settings only, so the heads of a fused group share it."""
+    size = _working_size(images.shape[-2:], scale)
+    if size != tuple(images.shape[-2:]):
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    return par_kernel(images, dilations, w1, w2)
+
+
 @torch.no_grad()
 def par(images: Tensor, maps: Tensor, dilations: list[int], iterations: int, w1: float, w2: float,
-        scale: float = 1.0) -> Tensor:
+        scale: float = 1.0, kernel: Tensor | None = None) -> Tensor:
     """Refine score maps along image colour and position (the module docstring's κ, `iterations` times).
 
     images: (B, 3, H, W), the (ImageNet-normalised) tensor the model sees;
     maps: (B, K, H, W) at image size. With `scale` < 1 both are resized
     (bilinear) by that factor, refined, and the maps resized back to H×W.
+    kernel: `image_kernel(images, dilations, w1, w2, scale)` when already computed.
     Returns (B, K, H, W).
     """
     size = maps.shape[-2:]
     if images.shape[-2:] != size:
         raise ValueError(f"images {tuple(images.shape[-2:])} and maps {tuple(size)} differ in size")
-    if scale < 1.0:
-        small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        images = F.interpolate(images, size=small, mode="bilinear", align_corners=False)
+    if kernel is None:
+        kernel = image_kernel(images, dilations, w1, w2, scale)
+    small = _working_size(size, scale)
+    if small != tuple(size):
         maps = F.interpolate(maps, size=small, mode="bilinear", align_corners=False)
-    refined = _propagate(par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
-    if scale < 1.0:
+    refined = _propagate(kernel, maps, dilations, iterations)
+    if small != tuple(size):
         refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
     return refined

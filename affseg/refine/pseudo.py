@@ -76,7 +76,8 @@ def _present_first(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def pseudo_labels(
-    fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None
+    fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None,
+    par_kernel: Tensor | None = None,
 ) -> Tensor:
     """Pixel labels in VOC index space (0 = background, c + 1 = foreground class c).
 
@@ -92,6 +93,7 @@ def pseudo_labels(
 
     valid: (B, H, W) bool, False on crop padding (None = all image): the min-max runs
     over the image cells only and padding pixels become IGNORE_INDEX (SPEC §5.1).
+    par_kernel: PAR's `image_kernel` of `images` under `cfg.par`, when the caller has it already.
     Returns (B, H, W) long.
     """
     cells = None if valid is None else grid_validity(valid, fg_maps.shape[-2:])
@@ -102,7 +104,7 @@ def pseudo_labels(
     scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
     if use_par:
         p = cfg.par
-        scores = par(images, scores, p.dilations, p.iterations, p.w1, p.w2, p.scale)
+        scores = par(images, scores, p.dilations, p.iterations, p.w1, p.w2, p.scale, kernel=par_kernel)
 
     allowed = torch.cat([torch.ones_like(in_use[:, :1]), in_use], dim=1)[:, :, None, None]
     slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background

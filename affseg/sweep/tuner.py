@@ -363,12 +363,14 @@ def _start_ray() -> bool:
 
 def _resources(spec: SweepSpec) -> tuple[dict[str, float], int]:
     """Per-trial resources and how many Ray trials (fused groups) run at once: one GPU each when the cluster
-    has GPUs; without, `concurrency`, but one group at a time when trials are fused (later groups are then
-    pruned against earlier ones, and a group already uses the cores)."""
+    has GPUs; without, `concurrency` trials, but one group at a time when trials are fused, holding the CPUs
+    the parallel trials would have had (later groups are then pruned against earlier ones)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return {"cpu": spec.cpus_per_trial, "gpu": 1}, gpus
-    return {"cpu": spec.cpus_per_trial}, spec.concurrency if spec.fuse == 1 else 1
+    if spec.fuse > 1:
+        return {"cpu": spec.cpus_per_trial * spec.concurrency}, 1
+    return {"cpu": spec.cpus_per_trial}, spec.concurrency
 
 
 def resource_shortfall(requested: dict[str, float], nodes: list[dict[str, float]], autoscaling: bool) -> str | None:
