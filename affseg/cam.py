@@ -130,10 +130,10 @@ def compute_cams(
     (the caller maps the config's stride-16 index through `stage_blocks`); cells: (B, h, w)
     bool, the image part of padded crops (`affseg.grid.grid_validity`), or None for all.
 
-    One forward pass with the target block as a grad leaf, then one backward per
-    present-class slot: slot s sums the target probabilities of every image's
-    (s+1)-th present class. Images do not interact in the encoder, so each image
-    receives exactly its own class's gradient.
+    One forward pass with the target block as a grad leaf, then one batched backward
+    over the present-class slots (`is_grads_batched`): slot s back-propagates the sum of
+    the target probabilities of every image's (s+1)-th present class. Images do not
+    interact in the encoder, so each image receives exactly its own class's gradient.
 
     Under autocast the blocks after the target (see `grad_mode`), the logits and the
     backward run in float32 (SPEC §5.1: fp16 flushes CAM gradients to zero).
@@ -157,19 +157,18 @@ def compute_cams(
             fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
             probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
 
-        slots = _slot_masks(labels)
+        slots = _slot_masks(labels)  # (S, B, K_fg)
         batch, _, height, width = acts.shape
         cams = acts.new_zeros(batch, num_fg, height, width, dtype=torch.float32)
-        detached = acts.detach().float()
-        moved = torch.zeros(batch, dtype=torch.bool, device=acts.device)  # image got a non-zero gradient
-        for index, mask in enumerate(slots):
-            score = (probs * mask).sum()
-            (grads,) = torch.autograd.grad(score, acts, retain_graph=index < len(slots) - 1)
-            moved = moved | grads.flatten(1).ne(0).any(dim=1)
-            cam = cam_from_gradients(detached, grads.float(), method)  # (B, h, w)
-            cams = cams + mask[:, :, None, None] * cam[:, None]
-    if len(slots):
-        _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
+        if len(slots):
+            # one batched backward: slot s back-propagates the probabilities its mask selects
+            (grads,) = torch.autograd.grad(probs, acts, grad_outputs=slots.to(probs.dtype), is_grads_batched=True)
+            moved = grads.flatten(2).ne(0).any(dim=2).any(dim=0)  # (B,): the image got a non-zero gradient
+            detached = acts.detach().float()
+            for mask, slot_grads in zip(slots, grads):
+                cam = cam_from_gradients(detached, slot_grads.float(), method)  # (B, h, w)
+                cams = cams + mask[:, :, None, None] * cam[:, None]
+            _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
 
     cams = minmax_normalise(cams, cells=cells)  # absent maps were never written: still exactly 0
     blocks = [block.detach() for block in features.blocks]
