@@ -1,5 +1,5 @@
-"""`affseg evaluate`: multi-scale + flip inference (long side 512), optional dense CRF, per-class table,
-VOC palette PNG export (the test split has no masks: export only)."""
+"""`affseg evaluate`: multi-scale + flip inference (long side 512, `affseg.predict.Predictor`), optional
+dense CRF, per-class table, VOC palette PNG export (the test split has no masks: export only)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from affseg.config import Config, EvalConfig, from_dict
-from affseg.crf import dense_crf
+from affseg.config import Config, from_dict
 from affseg.data.classes import voc_palette
-from affseg.data.transforms import normalise
-from affseg.data.voc import VocSegmentation, read_image
-from affseg.metrics import ConfusionMatrix, SegmentationScores
+from affseg.data.voc import VocSegmentation
 from affseg.engine.checkpoint import load_checkpoint
-from affseg.engine.runtime import select_device
+from affseg.engine.runtime import Runtime, amp_dtype, select_device
 from affseg.method import Student, Teacher, build_student, build_teacher
+from affseg.metrics import ConfusionMatrix, SegmentationScores
+from affseg.predict import Predictor
 
+EVAL_BATCH = 1  # VOC images differ in size; multi-scale + flip batches each image with its mirror
 
 
 @dataclass
@@ -32,10 +32,14 @@ class TrainedModel:
     config: Config
     device: torch.device
 
-    @torch.no_grad()
+    def predictor(self) -> Predictor:
+        """Multi-scale inference with the checkpoint's `eval` settings, under its `train.amp`."""
+        runtime = Runtime(self.device, amp_dtype(self.device, self.config.train.amp))
+        return Predictor(self.teacher, self.student, runtime, self.config.eval)
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoder logits (B, 21, H, W) for normalised images (B, 3, H, W)."""
-        return self.student(self.teacher.features(images), images.shape[-2:]).logits
+        """Decoder logits (B, 21, H, W) for normalised images (B, 3, H, W), at their own size."""
+        return self.predictor().logits(images)
 
 
 def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None) -> TrainedModel:
@@ -55,50 +59,9 @@ def load_trained(checkpoint: str | Path, device: str = "auto", encoder_checkpoin
     return TrainedModel(teacher.eval(), student.eval(), config, torch_device)
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def predict_probs(trained: TrainedModel, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """image (1, 3, H, W) normalised → class probabilities (21, H, W).
-
-    The long side is resized to `cfg.long_side`; logits at each scale (and its flip) are resized
-    back to that size and averaged, then softmaxed and resized to H × W.
-    """
-    height, width = image.shape[-2:]
-    base = cfg.long_side / max(height, width)
-    target = (round(height * base), round(width * base))
-    total = torch.zeros(1, 21, *target, device=image.device)
-    count = 0
-    for scale in cfg.scales:
-        size = tuple(max(1, round(side * scale)) for side in target)  # the exact aspect ratio (SPEC §5.1)
-        scaled = _resize(image, size)
-        views = [scaled, scaled.flip(-1)] if cfg.flip else [scaled]
-        for index, view in enumerate(views):
-            logits = trained.logits(view).float()
-            if index == 1:
-                logits = logits.flip(-1)
-            total += _resize(logits, target)
-            count += 1
-    probs = torch.softmax(total / count, dim=1)
-    return _resize(probs, (height, width))[0]
-
-
-def predict_mask(trained: TrainedModel, image: np.ndarray, crf: bool | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB → (H, W) uint8 VOC class indices."""
-    tensor = normalise(image)[None].to(trained.device)
-    probs = predict_probs(trained, tensor, trained.config.eval)
-    use_crf = trained.config.eval.crf if crf is None else crf
-    if use_crf:
-        return dense_crf(image, probs.cpu().numpy(), trained.config.eval).argmax(0).astype(np.uint8)
-    return probs.argmax(0).cpu().numpy().astype(np.uint8)
-
-
-def load_predictor(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None):
-    """A callable image (H, W, 3) uint8 → mask (H, W) uint8, as served by the promoted pyfunc model."""
-    trained = load_trained(checkpoint, device, encoder_checkpoint)
-    return lambda image: predict_mask(trained, image)
+def load_predictor(checkpoint: str | Path, device: str = "auto", encoder_checkpoint: str | None = None) -> Predictor:
+    """The `Predictor` of a training checkpoint, as served by the promoted pyfunc model."""
+    return load_trained(checkpoint, device, encoder_checkpoint).predictor()
 
 
 def format_scores(scores: SegmentationScores) -> str:
@@ -126,12 +89,14 @@ def evaluate(trained: TrainedModel, split: str = "val", crf: bool | None = None,
         export_dir.mkdir(parents=True, exist_ok=True)
     confusion = ConfusionMatrix()
     labelled = split != "test"
-    for index in range(len(dataset)):
-        item = dataset[index]
-        image = read_image(dataset.layout.image(item["id"]))
-        mask = predict_mask(trained, image, crf)
-        if labelled:
-            confusion.update(torch.from_numpy(mask), item["mask"])
-        if export_dir:
-            save_palette_png(mask, export_dir / f"{item['id']}.png")
+    predictor = trained.predictor()
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH, num_workers=config.data.num_workers,
+                        pin_memory=trained.device.type == "cuda")
+    for batch in loader:  # each image decoded once, in `data.num_workers` workers
+        masks = predictor.masks(batch["image"].to(trained.device, non_blocking=True), crf)
+        for mask, truth, image_id in zip(masks, batch["mask"], batch["id"]):
+            if labelled:
+                confusion.update(torch.from_numpy(mask), truth)
+            if export_dir:
+                save_palette_png(mask, export_dir / f"{image_id}.png")
     return confusion.summary() if labelled else None

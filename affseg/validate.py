@@ -20,6 +20,7 @@ from affseg.figures import confusion_figure, overlay_figure
 from affseg.metrics import ConfusionMatrix
 from affseg.engine.runtime import Runtime
 from affseg.method import PseudoLabeler, Student, Teacher
+from affseg.predict import Predictor
 
 PSEUDO_KINDS = ("cam", "cam_par", "refined")
 MAX_BATCH = 8
@@ -52,17 +53,16 @@ def validate(teacher: Teacher, student: Student, labeler: PseudoLabeler, val_set
              pseudo_set: VocSegmentation, iteration: int, runtime: Runtime, figure_dir: Path) -> ValidationResult:
     """Scores the student on `val_set` and the pseudo-labels on `pseudo_set`; writes two PNGs.
 
-    The teacher runs once per image: its features alone on `val_set`; on `pseudo_set` one full pass
-    serves the decoder prediction and all three pseudo-label variants."""
+    The teacher runs once per image: its features alone on `val_set` (the single-scale `Predictor.logits`
+    at the image's own size); on `pseudo_set` one full pass serves the decoder prediction and all three
+    pseudo-label variants (PAR once for `cam_par`, once for `refined`)."""
     student.eval()
     device = runtime.device
     val = ConfusionMatrix(device=device)
     overlays: list[dict[str, np.ndarray]] = []
+    predictor = Predictor(teacher, student, runtime)
     for batch in batches_by_size(val_set):
-        images = batch["image"].to(device)
-        with runtime.autocast(), torch.no_grad():
-            logits = student(teacher.features(images), images.shape[-2:]).logits
-        val.update(logits.argmax(1), batch["mask"].to(device))
+        val.update(predictor.logits(batch["image"].to(device)).argmax(1), batch["mask"].to(device))
     pseudo = {kind: ConfusionMatrix(device=device) for kind in PSEUDO_KINDS}
     for batch in batches_by_size(pseudo_set):
         images, masks = batch["image"].to(device), batch["mask"].to(device)

@@ -3,6 +3,7 @@ scoring, palette export, dense CRF and the `affseg evaluate` command."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -12,19 +13,21 @@ import torch.nn.functional as F
 from PIL import Image
 from test_train import tiny_config
 
+import affseg.data.voc as voc_module
 from affseg.cli import main
 from affseg.config import EvalConfig
 from affseg.crf import dense_crf
 from affseg.data.classes import IGNORE_INDEX, NUM_CLASSES, voc_palette
+from affseg.data.transforms import normalise
 from affseg.data.voc import VocSegmentation, read_image
-from affseg.evaluate import TrainedModel, evaluate, load_predictor, load_trained, predict_mask, predict_probs
+from affseg.evaluate import TrainedModel, evaluate, load_predictor, load_trained
 from affseg.engine.checkpoint import BEST_CHECKPOINT, load_checkpoint
 from affseg.engine.trainer import Trainer
 from affseg.train import train
 
 LONG_SIDE = 200  # eval.long_side of the fixture run (small: fast, and not a multiple of 32)
-# A 100 × 140 input at long side 200: target (round(100 · 200 / 140), 200) = (143, 200), and the
-# network sees it rounded to multiples of 32: (round(143 / 32) · 32, round(200 / 32) · 32) = (128, 192).
+# A 100 × 140 input at long side 200: target (round(100 · 200 / 140), 200) = (143, 200); the encoder
+# pads it to a multiple of 16 itself and the decoder crops back (SPEC §5.1).
 INPUT_SIZE = (100, 140)
 TARGET_SIZE = (143, 200)
 NETWORK_SIZE = TARGET_SIZE  # scale 1.0 runs at the target size itself: no rounding to multiples of 32
@@ -62,36 +65,42 @@ def test_load_trained_restores_decoder_and_training_encoder(run, trained):
     assert all(torch.equal(loaded_encoder[key], value) for key, value in training_encoder.items())
 
 
+def _probs(trained: TrainedModel, image: torch.Tensor, **settings) -> torch.Tensor:
+    """(1, 3, H, W) → (21, H, W) through the checkpoint's Predictor with `settings` changed."""
+    predictor = trained.predictor()
+    predictor.settings = dataclasses.replace(predictor.settings, **settings)
+    return predictor.probs(image)[0]
+
+
 def test_predict_probs_single_scale_equals_hand_construction(trained):
     image = torch.randn(1, 3, *INPUT_SIZE, generator=torch.Generator().manual_seed(0))
-    cfg = dataclasses.replace(trained.config.eval, scales=[1.0], flip=False)
-    probs = predict_probs(trained, image, cfg)
+    probs = _probs(trained, image, scales=[1.0], flip=False)
 
     logits = _resize(trained.logits(_resize(image, NETWORK_SIZE)), TARGET_SIZE)
     expected = _resize(torch.softmax(logits, dim=1), INPUT_SIZE)[0]
     assert probs.shape == (NUM_CLASSES, *INPUT_SIZE)
     assert torch.allclose(probs, expected, atol=1e-6)
 
-    flipped = dataclasses.replace(cfg, flip=True)  # averaged logits of the view and its mirror
+    # averaged logits of the view and its mirror
     mirror = _resize(trained.logits(_resize(image, NETWORK_SIZE).flip(-1)).flip(-1), TARGET_SIZE)
     expected = _resize(torch.softmax((logits + mirror) / 2, dim=1), INPUT_SIZE)[0]
-    assert torch.allclose(predict_probs(trained, image, flipped), expected, atol=1e-6)
+    assert torch.allclose(_probs(trained, image, scales=[1.0], flip=True), expected, atol=1e-6)
 
 
 def test_predict_probs_multi_scale_is_a_distribution(trained):
     image = torch.randn(1, 3, *INPUT_SIZE, generator=torch.Generator().manual_seed(1))
-    probs = predict_probs(trained, image, trained.config.eval)  # scales 1.0, 0.75 and flip
+    probs = _probs(trained, image)  # scales 1.0, 0.75 and flip
     assert probs.shape == (NUM_CLASSES, *INPUT_SIZE)
     assert (probs >= 0).all()
     assert torch.allclose(probs.sum(dim=0), torch.ones(INPUT_SIZE), atol=1e-5)
 
 
-def test_load_predictor_serves_predict_mask(small_demo, run, trained):
+def test_load_predictor_serves_the_checkpoints_masks(small_demo, run, trained):
     val = VocSegmentation(small_demo, "val")
     image = read_image(val.layout.image(val.ids[0]))  # (H, W, 3) uint8
-    mask = load_predictor(run[1], device="cpu")(image)
-    assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
-    assert np.array_equal(mask, predict_mask(trained, image))
+    masks = load_predictor(run[1], device="cpu").predict(image[None])
+    assert masks.shape == (1, *image.shape[:2]) and masks.dtype == np.uint8
+    assert np.array_equal(masks, trained.predictor().masks(normalise(image)[None]))
 
 
 def test_evaluate_val_counts_every_labelled_pixel(small_demo, trained):
@@ -101,6 +110,22 @@ def test_evaluate_val_counts_every_labelled_pixel(small_demo, trained):
     assert scores.confusion.shape == (NUM_CLASSES, NUM_CLASSES)
     assert scores.confusion.sum() == labelled
     assert 0.0 <= scores.miou <= 1.0 and 0.0 <= scores.pixel_acc <= 1.0
+
+
+def test_evaluate_decodes_each_image_once(small_demo, trained, monkeypatch):
+    decoded = []
+    original = voc_module.read_image
+    monkeypatch.setattr(voc_module, "read_image", lambda path: decoded.append(path.name) or original(path))
+    evaluate(trained, "val", limit=3)
+    assert sorted(decoded) == sorted(f"{i}.jpg" for i in VocSegmentation(small_demo, "val").ids[:3])
+
+
+def test_evaluate_in_workers_scores_the_same(trained):
+    in_process = evaluate(trained, "val", limit=3)
+    config = copy.deepcopy(trained.config)
+    config.data.num_workers = 2
+    in_workers = evaluate(dataclasses.replace(trained, config=config), "val", limit=3)
+    assert np.array_equal(in_workers.confusion, in_process.confusion)
 
 
 def test_evaluate_test_exports_palette_pngs(small_demo, trained, tmp_path):

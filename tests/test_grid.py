@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affseg.evaluate import predict_probs
+from affseg.config import EvalConfig
+from affseg.engine.runtime import Runtime
 from affseg.grid import grid_to_pixels, pixels_to_grid
+from affseg.method import StudentOutput
+from affseg.predict import Predictor
 
 STRIDE = 16
 
@@ -53,22 +56,25 @@ def test_pixels_to_grid_takes_each_cells_first_pixel():
 
 
 class SizeProbe(torch.nn.Module):
-    """Stands in for the trained model in predict_probs: records the sizes it is asked to predict at."""
+    """Stands in for the teacher in the Predictor: records the sizes it encodes, returns one zero block."""
 
     def __init__(self):
         super().__init__()
         self.sizes = []
 
-    def logits(self, images):
+    def features(self, images):
         self.sizes.append(tuple(images.shape[-2:]))
-        return torch.zeros(images.shape[0], 21, *images.shape[-2:])
+        return [torch.zeros(images.shape[0], 1, -(-images.shape[-2] // STRIDE), -(-images.shape[-1] // STRIDE))]
+
+
+def zero_student(features, size):
+    return StudentOutput(logits=torch.zeros(features[0].shape[0], 21, *size), aff_dec=None)
 
 
 def test_evaluation_keeps_the_exact_aspect_ratio():
-    from affseg.config import EvalConfig
-
     probe = SizeProbe()
     cfg = EvalConfig(long_side=512, scales=[1.0, 0.75], flip=False)
-    probs = predict_probs(probe, torch.zeros(1, 3, 333, 500), cfg)
-    assert probs.shape == (21, 333, 500)
+    predictor = Predictor(probe, zero_student, Runtime(torch.device("cpu"), None), cfg)
+    probs = predictor.probs(torch.zeros(1, 3, 333, 500))
+    assert probs.shape == (1, 21, 333, 500)
     assert probe.sizes == [(341, 512), (256, 384)]

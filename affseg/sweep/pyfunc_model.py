@@ -2,8 +2,8 @@
 model, and `mlflow.pyfunc.load_model` runs it (never an unpickled Python object).
 
 Loading verifies the sha256 of the decoder checkpoint and of the encoder weights; prediction is the
-function `affseg evaluate` uses (`affseg.evaluate.predict_mask`: multi-scale + flip, optional CRF, per
-the checkpoint's eval config).
+`affseg.predict.Predictor` that `affseg evaluate` uses (multi-scale + flip, optional CRF, per the
+checkpoint's eval config).
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ class AffsegModel(PythonModel):
 
         artifacts = {key: Path(path) for key, path in context.artifacts.items()}
         checkpoint, encoder = checked_artifacts(artifacts)
-        self._predict = load_predictor(checkpoint, encoder_checkpoint=encoder)
+        self._predictor = load_predictor(checkpoint, encoder_checkpoint=encoder)
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB images → (N, H, W) uint8 class indices (0 background, 1..20)."""
-        masks = [self._predict(image) for image in model_input]
-        return np.stack(masks) if masks else np.zeros(model_input.shape[:3], np.uint8)
+        return self._predictor.predict(model_input)
 
 
 mlflow.models.set_model(AffsegModel())
