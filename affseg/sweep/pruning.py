@@ -70,9 +70,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
-def build_pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+def build_pruner(spec: PrunerSpec, max_resource: int | str = "auto") -> optuna.pruners.BasePruner:
+    """The Optuna pruner of `spec`; `max_resource` (hyperband): the iterations of a full trial."""
     if spec.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
+    if spec.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1 if spec.min_resource == "auto" else spec.min_resource,
+                                              max_resource=max_resource, reduction_factor=spec.reduction_factor)
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource, reduction_factor=spec.reduction_factor)
 
 
@@ -115,6 +119,7 @@ class TrialLink:
         study_id = self.storage.get_study_id_from_name(ref.name)
         self.trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
         self.number = number
+        self.signal = ref.pruner.signal  # the metric reported to the pruner ("" = the sweep's objective)
 
     def finished(self) -> bool:
         """True when the driver already told this trial's outcome (a restored sweep re-queued it)."""

@@ -41,7 +41,7 @@ PROFILES_DIR = SWEEPS_DIR / "profiles"
 
 PARAM_KINDS = ("uniform", "loguniform", "int", "categorical")
 PARAM_FIELDS = ("type", "low", "high", "step", "choices")
-PRUNER_TYPES = ("median", "successive_halving")
+PRUNER_TYPES = ("median", "successive_halving", "hyperband")
 MODES = ("max", "min")
 METRICS = ("val/miou", "val/pixel_acc", "val/mean_acc", "pseudo/cam", "pseudo/cam_par", "pseudo/refined")
 CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -59,8 +59,9 @@ class PrunerSpec:
     type: str = "median"
     n_startup_trials: int = 2  # median: trials that must finish before any pruning
     n_warmup_steps: int = 0  # median: no pruning at or before this iteration
-    min_resource: int | str = "auto"  # successive halving: iterations of the first rung, or "auto"
-    reduction_factor: int = 3  # successive halving: keep the top 1/reduction_factor per rung
+    min_resource: int | str = "auto"  # successive halving / hyperband: iterations of the first rung, or "auto"
+    reduction_factor: int = 3  # successive halving / hyperband: keep the top 1/reduction_factor per rung
+    signal: str = ""  # the metric the pruner reads at each validation; "" = the sweep's objective metric
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,8 @@ def _pruner(value: Any, where: str) -> dict:
     for name in ("n_startup_trials", "n_warmup_steps", "reduction_factor"):
         if name in value and _number(value[name], f"{where}.{name}", integer=True) < 0:
             _fail(f"{where}.{name}", f"must be >= 0, got {value[name]}")
+    if value.get("signal", "") not in ("", *METRICS):
+        _fail(f"{where}.signal", f"{value['signal']!r} is not reported by trials; choose one of {', '.join(METRICS)}")
     if value.get("reduction_factor", 2) < 2:
         _fail(f"{where}.reduction_factor", f"must be >= 2, got {value['reduction_factor']}")
     resource = value.get("min_resource", "auto")

@@ -109,7 +109,8 @@ class TuneReporter(Callback):
         value = metrics.get(self.metric, float("nan"))
         if self.objective is None or (value > self.objective if self.mode == "max" else value < self.objective):
             self.objective = value
-        self.prune = self.link.should_prune(result.iteration, value) and result.iteration < self.total
+        signal = metrics.get(self.link.signal or self.metric, float("nan"))  # what the pruner reads
+        self.prune = self.link.should_prune(result.iteration, signal) and result.iteration < self.total
         report = {**metrics, ITERATION_KEY: result.iteration, OBJECTIVE_KEY: self.objective,
                   PRUNED_KEY: float(self.prune)}
         self.sink(self, report, checkpoint)
