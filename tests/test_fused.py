@@ -86,3 +86,21 @@ def test_heads_with_the_same_par_settings_share_one_image_kernel(small_demo, tmp
     trainer = Trainer.fused(members)
     trainer._step(iter(trainer._loader()))
     assert len(calls) == trainer.config.train.accumulation  # one per micro-batch, not one per head
+
+
+def test_a_group_validates_on_one_encoder_forward_per_image(small_demo, tmp_path, monkeypatch):
+    from affseg.validate import validate, validate_heads
+
+    members = [Member(_config(small_demo, tmp_path / str(i), o)) for i, o in enumerate(MEMBERS)]
+    trainer = Trainer.fused(members)
+    encoder = trainer.teacher.encoder
+    encoded, original = [], encoder.encode_image
+    monkeypatch.setattr(encoder, "encode_image", lambda images, *a, **k: encoded.append(len(images)) or
+                        original(images, *a, **k))
+    heads = [(h.student, h.labeler, tmp_path / f"figures{i}") for i, h in enumerate(trainer.heads)]
+    together = validate_heads(trainer.teacher, heads, trainer.val_set, trainer.pseudo_set, 2, trainer.runtime)
+    assert sum(encoded) == len(trainer.val_set) + len(trainer.pseudo_set)  # not × 3 heads
+    for (student, labeler, folder), result in zip(heads, together):
+        alone = validate(trainer.teacher, student, labeler, trainer.val_set, trainer.pseudo_set, 2, trainer.runtime,
+                         folder)
+        assert alone.metrics() == result.metrics()

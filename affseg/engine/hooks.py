@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, require_finite, save_checkpoint
-from affseg.validate import validate
+from affseg.validate import validate_heads
 
 if TYPE_CHECKING:
     from affseg.engine.trainer import Trainer
@@ -51,16 +51,18 @@ class LogHook(Hook):
 
 
 class ValidationHook(Hook):
-    """Every `train.val_interval` iterations and at the end: validate each head still training."""
+    """Every `train.val_interval` iterations and at the end: validate the heads still training, on one
+    teacher pass per image."""
 
     def after_step(self, trainer: Trainer) -> None:
         cfg = trainer.config.train
         trainer.validations = {}
         if trainer.iteration % cfg.val_interval and trainer.iteration != cfg.iterations:
             return
-        for head in trainer.active_heads():
-            result = validate(trainer.teacher, head.student, head.labeler, trainer.val_set, trainer.pseudo_set,
-                              trainer.iteration, trainer.runtime, head.out_dir / "figures")
+        heads = trainer.active_heads()
+        results = validate_heads(trainer.teacher, [(h.student, h.labeler, h.out_dir / "figures") for h in heads],
+                                 trainer.val_set, trainer.pseudo_set, trainer.iteration, trainer.runtime)
+        for head, result in zip(heads, results):
             is_best = head.best is None or result.miou > head.best.miou
             if is_best:
                 head.best = result
