@@ -62,6 +62,9 @@ def test_real_sweep_trains_and_tracks(real_sweep):
     assert summary.best_per_class is not None and "background" in set(summary.best_per_class["class"])
     text = "\n".join(summary.lines())
     assert "best trial" in text and "make mlflow-ui" in text and "per-class IoU" in text
+    assert "savings: 16 of 16 trial-iterations trained" in text  # two trials of 8 iterations, none pruned
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.metrics["savings/fraction_saved"] == 0.0 and parent.data.metrics["savings/device_seconds_saved"] >= 0
 
 
 def test_promote_registers_champion_with_bundled_encoder(real_sweep, monkeypatch):

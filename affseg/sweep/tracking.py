@@ -47,6 +47,7 @@ START_ITERATION = "start_iteration"  # child metric, one point per (re)start: > 
 
 PER_CLASS_TABLE = "tables/per_class_iou.json"  # one row per (iteration, class), appended each validation
 TRIALS_TABLE = "tables/trials.json"  # parent: one row per trial
+SAVINGS_TABLE = "tables/savings.json"  # parent: trial-iterations, device-seconds, teacher passes vs unpruned
 CURVES_FIGURE = "val_curves.png"  # parent: the sweep metric against iteration, every trial
 CHECKPOINT_DIR = "checkpoint"  # child: the best training checkpoint (best.pt)
 FIGURES_DIR = "figures"
@@ -385,6 +386,12 @@ def finish_parent(client: MlflowClient, ref: TrackingRef, records: list[TrialRec
         tags += [RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.run_id or "")]
         client.log_batch(ref.parent_run_id, metrics=_metrics({f"best/{metric}": best.value}, 0), tags=tags)
     set_state(client, ref.parent_run_id, state)
+
+
+def log_savings(client: MlflowClient, parent_run_id: str, savings) -> None:
+    """The `savings/*` metrics and the savings table (`affseg.sweep.savings`) on the parent run."""
+    retrying(client.log_batch, parent_run_id, metrics=_metrics(savings.metrics(), 0))
+    replace_table(client, parent_run_id, savings.table(), SAVINGS_TABLE)
 
 
 STATE_COLOURS = {"completed": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "running": "tab:gray"}

@@ -28,14 +28,15 @@ from affseg.backbones.demo_weights import RANDOM_WEIGHTS
 from affseg.callbacks import Callback, ValidationResult
 from affseg.config import Config, ConfigError
 from affseg.sweep.groups import members_of
+from affseg.sweep.savings import TIME_KEY, RayTrial, Savings, sweep_savings
 from affseg.sweep.pruning import (
     OBJECTIVE_KEY, PRUNED_KEY, OptunaBridge, StudyRef, TrialLink, absolute_storage, create_study, member_key,
     open_storage,
 )
 from affseg.sweep.space import PROFILES_DIR, SweepSpec, load_space
 from affseg.sweep.tracking import (
-    MlflowCallback, TrackingRef, TrialRecord, absolute_uri, child_runs, finish_parent, open_experiment, parent_run,
-    sweep_exists, sync_states, tracking_uri,
+    MlflowCallback, TrackingRef, TrialRecord, absolute_uri, child_runs, finish_parent, log_savings, open_experiment,
+    parent_run, sweep_exists, sync_states, tracking_uri,
 )
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
 from affseg.engine.trainer import ensure_dataset
@@ -264,6 +265,7 @@ class SweepSummary:
     best: TrialRecord | None
     best_per_class: pd.DataFrame | None  # columns class, iou at the best trial's best validation (present classes)
     interrupted: bool  # stopped (Ctrl-C) before the budget was spent: resume it
+    savings: Savings | None = None  # what pruning and fusing saved
 
     def counts(self) -> dict[str, int]:
         counts = {"completed": 0, "pruned": 0, "failed": 0, "running": 0}
@@ -283,6 +285,8 @@ class SweepSummary:
         if self.best_per_class is not None:
             table = self.best_per_class.assign(iou=lambda d: (100 * d.iou).round(1))
             lines += ["per-class IoU (%) of the best trial:", table.to_string(index=False)]
+        if self.savings is not None:
+            lines.append(self.savings.line())
         if self.interrupted:
             lines.append(f"interrupted: continue with `make sweep ... RESUME=1` (or run_sweep(..., resume=True, "
                          f"name={self.name!r}))")
@@ -405,6 +409,13 @@ def _autoscaling(started: bool) -> bool:
     return not started and bool(os.environ.get(RAY_ADDRESS_ENV))
 
 
+def _savings(grid: tune.ResultGrid, study: optuna.Study, total: int, resources: dict[str, float]) -> Savings:
+    runs = [RayTrial(tuple(m["optuna_trial"] for m in members_of(r.config)), float((r.metrics or {}).get(TIME_KEY, 0.0)))
+            for r in grid if r.config]
+    gpu = resources.get("gpu", 0)
+    return sweep_savings(study.get_trials(deepcopy=False), runs, total, gpu or resources["cpu"], "GPU" if gpu else "CPU")
+
+
 def ray_trials(spec: SweepSpec) -> int:
     """Ray Tune trials of the sweep: one per trial, or one per fused group of `spec.fuse` (the last may be smaller)."""
     return -(-spec.trials // spec.fuse)
@@ -523,8 +534,10 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     sync_states(client, records)
     best = _best(records, spec.mode)
     interrupted = len(grid) < ray_trials(spec) or any(r.state == "running" for r in records)
+    savings = _savings(grid, study, base.train.iterations, resources)
+    log_savings(client, parent, savings)
     finish_parent(client, tracking, records, spec.metric, best, "interrupted" if interrupted else "completed")
     summary = SweepSummary(sweep, experiment, parent, spec.metric, records, best,
-                           _per_class(grid, best, spec.metric, spec.mode), interrupted)
+                           _per_class(grid, best, spec.metric, spec.mode), interrupted, savings)
     print("\n".join(summary.lines()), flush=True)
     return summary
