@@ -91,8 +91,16 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from affseg.sweep.analysis import sweep_report
+
+    print("\n".join(sweep_report(args.sweep)))
+    return 0
+
+
 COMMANDS = {
     "sweep": _sweep,
+    "report": _report,
     "promote": _promote,
     "make-demo": _make_demo,
     "prepare-voc": _prepare_voc,
@@ -141,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--name", default=None, help="sweep name (default: derived from space and profile)")
     sw.add_argument("--preset", default=None, help=PRESET_HELP)
     sw.add_argument("overrides", nargs="*", help="config keys (train.iterations=60) or sweep settings (trials=4)")
+
+    rp = sub.add_parser("report", help="per-class IoU of the top trials and per-class hyperparameter importance")
+    rp.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep), finished or running")
 
     pr = sub.add_parser("promote", help="register the best trial's checkpoint as model affseg, alias champion")
     pr.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep)")

@@ -313,3 +313,17 @@ def test_ctrl_c_ends_the_sweep_as_interrupted(tmp_path, monkeypatch):
     experiment_id = client.get_experiment_by_name("affseg").experiment_id
     (parent,) = client.search_runs([experiment_id], "tags.`affseg.role` = 'parent'")
     assert (parent.data.tags["state"], parent.info.status) == ("interrupted", "KILLED")
+
+
+def test_report_prints_the_per_class_view(real_sweep, monkeypatch, capsys):
+    from affseg.cli import main
+
+    summary, work, _ = real_sweep
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["report"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep {summary.name}: 2 trials (2 complete)" in out
+    assert "per-class IoU (%) of the top 2 completed trials" in out and "background" in out
+    assert "Hyperparameter importance" in out and "too few completed trials" in out  # 2 < 4 completed
+    assert "Hyperparameter importance" in "\n".join(summary.lines())

@@ -127,7 +127,8 @@ def checked_artifacts(artifacts: Mapping[str, Path]) -> tuple[Path, str]:
 # ---------------------------------------------------------------- promote
 
 
-def _parent(client: MlflowClient, experiment_id: str, sweep: str | None):
+def sweep_parent(client: MlflowClient, experiment_id: str, sweep: str | None):
+    """The parent run of sweep `sweep` (default: the latest sweep); one-line PromotionError when there is none."""
     try:
         query = tag_filter({ROLE_TAG: "parent", **({SWEEP_TAG: sweep} if sweep else {})})
     except ValueError as err:
@@ -142,7 +143,7 @@ def _parent(client: MlflowClient, experiment_id: str, sweep: str | None):
 def best_trial_run(client: MlflowClient, experiment_id: str, sweep: str | None = None):
     """The sweep's (default: latest sweep's) completed child run with the highest best val mIoU and a
     checkpoint; ties go to the lower trial number, exactly as the sweep summary picks its best trial."""
-    parent = _parent(client, experiment_id, sweep)
+    parent = sweep_parent(client, experiment_id, sweep)
     children = client.search_runs([experiment_id], tag_filter({"mlflow.parentRunId": parent.info.run_id}))
     completed = [run for run in children
                  if run.data.tags.get(STATE_TAG) == "completed" and BEST_MIOU in run.data.metrics]

@@ -125,6 +125,12 @@ class TrialLink:
         """True when the driver already told this trial's outcome (a restored sweep re-queued it)."""
         return self.storage.get_trial(self.trial_id).state in FINISHED
 
+    def record_best(self, values: dict[str, float]) -> None:
+        """Store the per-class IoU of the trial's best validation so far (`iou/<class>`) as Optuna user
+        attributes: the per-class importance analysis (`affseg.sweep.analysis`) reads them."""
+        for key, value in values.items():
+            self.storage.set_trial_user_attr(self.trial_id, key, float(value))
+
     def should_prune(self, step: int, value: float) -> bool:
         """Report `value` at training iteration `step`; the pruner's verdict."""
         trial = optuna.trial.Trial(self.study, self.trial_id)

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from ray import tune
 from affseg.backbones.demo_weights import RANDOM_WEIGHTS
 from affseg.callbacks import Callback, ValidationResult
 from affseg.config import Config, ConfigError
+from affseg.sweep import analysis
+from affseg.sweep.analysis import IOU_PREFIX
 from affseg.sweep.groups import members_of
 from affseg.sweep.savings import TIME_KEY, RayTrial, Savings, sweep_savings
 from affseg.sweep.pruning import (
@@ -36,7 +39,7 @@ from affseg.sweep.pruning import (
 from affseg.sweep.space import PROFILES_DIR, SweepSpec, load_space
 from affseg.sweep.tracking import (
     MlflowCallback, TrackingRef, TrialRecord, absolute_uri, child_runs, finish_parent, log_savings, open_experiment,
-    parent_run, sweep_exists, sync_states, tracking_uri,
+    parent_run, retrying, sweep_exists, sync_states, tracking_uri,
 )
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
 from affseg.engine.trainer import ensure_dataset
@@ -110,6 +113,7 @@ class TuneReporter(Callback):
         value = metrics.get(self.metric, float("nan"))
         if self.objective is None or (value > self.objective if self.mode == "max" else value < self.objective):
             self.objective = value
+            self.link.record_best({k: v for k, v in metrics.items() if k.startswith(IOU_PREFIX)})
         signal = metrics.get(self.link.signal or self.metric, float("nan"))  # what the pruner reads
         self.prune = self.link.should_prune(result.iteration, signal) and result.iteration < self.total
         report = {**metrics, ITERATION_KEY: result.iteration, OBJECTIVE_KEY: self.objective,
@@ -266,6 +270,7 @@ class SweepSummary:
     best_per_class: pd.DataFrame | None  # columns class, iou at the best trial's best validation (present classes)
     interrupted: bool  # stopped (Ctrl-C) before the budget was spent: resume it
     savings: Savings | None = None  # what pruning and fusing saved
+    class_report: list[str] = dataclasses.field(default_factory=list)  # per-class IoU and importance tables
 
     def counts(self) -> dict[str, int]:
         counts = {"completed": 0, "pruned": 0, "failed": 0, "running": 0}
@@ -282,9 +287,7 @@ class SweepSummary:
             lines.append(f"best trial {self.best.number}: {self.metric} {self.best.value:.4f} "
                          f"(MLflow run {self.best.run_id})")
             lines += [f"  {key} = {_short(value)}" for key, value in self.best.params.items()]
-        if self.best_per_class is not None:
-            table = self.best_per_class.assign(iou=lambda d: (100 * d.iou).round(1))
-            lines += ["per-class IoU (%) of the best trial:", table.to_string(index=False)]
+        lines += self.class_report
         if self.savings is not None:
             lines.append(self.savings.line())
         if self.interrupted:
@@ -407,6 +410,13 @@ def _autoscaling(started: bool) -> bool:
     """A Ray started here (local, fixed size) never grows; a cluster joined through RAY_ADDRESS (e.g. one
     launched from ray_cluster.yaml) is assumed to autoscale. Ray exposes no public "is autoscaling" flag."""
     return not started and bool(os.environ.get(RAY_ADDRESS_ENV))
+
+
+def log_analysis(client, parent_run_id: str, study: optuna.Study) -> None:
+    """The per-class heatmap and the importance table and heatmap on the parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in analysis.write_artifacts(study, Path(tmp)):
+            retrying(client.log_artifact, parent_run_id, str(path))
 
 
 def _savings(grid: tune.ResultGrid, study: optuna.Study, total: int, resources: dict[str, float]) -> Savings:
@@ -536,8 +546,10 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     interrupted = len(grid) < ray_trials(spec) or any(r.state == "running" for r in records)
     savings = _savings(grid, study, base.train.iterations, resources)
     log_savings(client, parent, savings)
+    log_analysis(client, parent, study)
     finish_parent(client, tracking, records, spec.metric, best, "interrupted" if interrupted else "completed")
     summary = SweepSummary(sweep, experiment, parent, spec.metric, records, best,
-                           _per_class(grid, best, spec.metric, spec.mode), interrupted, savings)
+                           _per_class(grid, best, spec.metric, spec.mode), interrupted, savings,
+                           analysis.report_lines(study))
     print("\n".join(summary.lines()), flush=True)
     return summary
