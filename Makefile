@@ -57,6 +57,7 @@ evaluate: setup
 
 mlflow-ui: setup
 	mkdir -p mlflow/artifacts
+	@echo "MLflow UI: http://$(HOST):$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning (the training view)"
 	$(VENV)/bin/mlflow ui --host $(HOST) --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts
 

@@ -327,3 +327,58 @@ def test_report_prints_the_per_class_view(real_sweep, monkeypatch, capsys):
     assert "per-class IoU (%) of the top 2 completed trials" in out and "background" in out
     assert "Hyperparameter importance" in out and "too few completed trials" in out  # 2 < 4 completed
     assert "Hyperparameter importance" in "\n".join(summary.lines())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_rest_calls_show_named_runs_in_the_training_view(real_sweep):
+    """The REST calls the MLflow UI makes (experiment, search runs, get run) against `mlflow server` on 127.0.0.1."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    summary, work, _ = real_sweep
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{work}/mlflow/mlflow.db", "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{base}/{path}", data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        for _ in range(120):
+            try:
+                experiment = call(f"experiments/get?experiment_id={summary.experiment_id}")["experiment"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = call("runs/search", {"experiment_ids": [summary.experiment_id], "max_results": 50})["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        for record in summary.trials:
+            run = call(f"runs/get?run_id={record.run_id}")["run"]
+            name = run["info"]["run_name"]
+            assert name in names and name.startswith(f"t{record.number:02d} {record.state} α=")
+        parent = call(f"runs/get?run_id={summary.parent_run_id}")["run"]
+        note = {t["key"]: t["value"] for t in parent["data"]["tags"]}["mlflow.note.content"]
+        assert "best trial" in note and "savings:" in note and "Hyperparameter importance" in note
+        assert "workflowType=machine_learning" in "\n".join(summary.lines())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

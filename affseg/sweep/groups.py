@@ -105,7 +105,7 @@ def run_group(members: list[dict], context) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         config = context.spec.trial_config(member["params"], {"train.out_dir": str(out_dir)})
         resume_from, objective = restored.get(number, (None, None))
-        tracker = MlflowCallback(context.tracking, number, config)
+        tracker = MlflowCallback(context.tracking, number, config, member["params"])
         reporter = TuneReporter(links[number], context.spec.metric, context.spec.mode, out_dir, objective, sink)
         trackers.append(tracker)
         group.append(Member(config, [tracker, reporter], resume_from))

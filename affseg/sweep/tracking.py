@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +35,9 @@ from affseg.config import Config, TrackingConfig, to_dict
 log = logging.getLogger(__name__)
 
 SWEEP_TAG = "affseg.sweep"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_VIEW_QUERY = "workflowType=machine_learning"
+UI_BASE = "http://127.0.0.1:5000"  # `make mlflow-ui`
 TRIAL_TAG = "affseg.trial"
 ROLE_TAG = "affseg.role"  # parent | trial
 STATE_TAG = "state"  # trials: running | completed | pruned | failed; parents: running | completed | interrupted
@@ -135,13 +138,24 @@ def open_experiment(cfg: TrackingConfig) -> tuple[MlflowClient, str]:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
-        return client, experiment.experiment_id
-    location = None
-    if _local_store(uri):
-        root = Path(cfg.artifact_root).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        location = root.as_uri()
-    return client, client.create_experiment(cfg.experiment, artifact_location=location)
+        experiment_id = experiment.experiment_id
+    else:
+        location = None
+        if _local_store(uri):
+            root = Path(cfg.artifact_root).expanduser().resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            location = root.as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # the training view, not GenAI
+    return client, experiment_id
+
+
+def ui_link(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens the model-training view (MLflow 3.17 picks the view from a
+    browser setting unless the URL names it)."""
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/#/{page}?{UI_VIEW_QUERY}"
 
 
 def quote_filter_value(value: str) -> str:
@@ -192,15 +206,43 @@ def parent_run(client: MlflowClient, experiment_id: str, sweep: str, spec_files:
     return run_id
 
 
-def child_run(ref: TrackingRef, trial_number: int, config: Config | None = None) -> str:
-    """The child run of Optuna trial `trial_number`: found by tags, or created with all config params."""
+# Short names of swept keys in run names (`t03 pruned α=2 box=.48 bg=pow1.2`); other keys use their last part.
+SHORT_KEYS = {"refine.alpha": "α", "refine.box_threshold": "box", "refine.deviation": "dev", "loss.lam": "λ",
+              "optim.lr": "lr", "optim.warmup_iters": "warm", "model.decoder_stages": "dec",
+              "model.affinity_stages": "affst"}
+BACKGROUND_KEYS = {"power": ("pow", "refine.bg_power"), "constant": ("const", "refine.bg_score")}
+
+
+def _short_value(value: object) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+        return text[1:] if text.startswith("0.") else text
+    return str(value)
+
+
+def run_label(number: int, state: str, params: dict) -> str:
+    """What a trial's run is, as its MLflow run name: number, state and the swept values in short form."""
+    parts = [f"t{number:02d}", state]
+    for key, value in params.items():
+        if key == "refine.background":
+            prefix, detail = BACKGROUND_KEYS.get(value, (str(value), ""))
+            parts.append(f"bg={prefix}{_short_value(params[detail]) if detail in params else ''}")
+        elif key not in ("refine.bg_power", "refine.bg_score"):
+            parts.append(f"{SHORT_KEYS.get(key, key.rsplit('.', 1)[-1])}={_short_value(value)}")
+    return " ".join(parts)
+
+
+def child_run(ref: TrackingRef, trial_number: int, config: Config | None = None, params: dict | None = None) -> str:
+    """The child run of Optuna trial `trial_number`: found by tags, or created with all config params and
+    named by `run_label` from the swept `params`."""
     client = ref.client()
     found = _find(client, ref.experiment_id, {SWEEP_TAG: ref.sweep, TRIAL_TAG: str(trial_number)})
     if found:
         return found[0].info.run_id
     tags = {SWEEP_TAG: ref.sweep, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial", MLFLOW_PARENT_RUN_ID: ref.parent_run_id,
             STATE_TAG: "running"}
-    run_id = client.create_run(ref.experiment_id, tags=tags, run_name=f"{ref.sweep}-trial-{trial_number:03d}").info.run_id
+    run_name = run_label(trial_number, "running", params or {})
+    run_id = client.create_run(ref.experiment_id, tags=tags, run_name=run_name).info.run_id
     if config is not None:
         params = [Param(k, str(v)) for k, v in flatten(to_dict(config)).items()]
         for start in range(0, len(params), BATCH_LIMIT):
@@ -258,8 +300,8 @@ class MlflowCallback(Callback):
     Every tracking call is retried (`retrying`); one that still fails is logged as a warning and training
     goes on. Each validation iteration is logged once, also when a resumed trial validates it again."""
 
-    def __init__(self, ref: TrackingRef, trial_number: int, config: Config | None):
-        self.ref, self.trial_number, self.config = ref, trial_number, config
+    def __init__(self, ref: TrackingRef, trial_number: int, config: Config | None, params: dict | None = None):
+        self.ref, self.trial_number, self.config, self.params = ref, trial_number, config, params
         self.client = ref.client()
         self._run_id: str | None = None
         self._metric_steps: set[int] | None = None  # steps of `val/miou` already in the run
@@ -268,7 +310,7 @@ class MlflowCallback(Callback):
     @property
     def run_id(self) -> str:
         if self._run_id is None:
-            self._run_id = retrying(child_run, self.ref, self.trial_number, self.config)
+            self._run_id = retrying(child_run, self.ref, self.trial_number, self.config, self.params)
         return self._run_id
 
     def _call(self, method: str, *args: object, **kwargs: object) -> object:
@@ -347,6 +389,7 @@ class TrialRecord:
     value: float | None  # the objective (best sweep metric) when completed, last value when pruned
     params: dict
     run_id: str | None
+    pseudo: dict[str, float] = field(default_factory=dict)  # pseudo-label mIoU (cam, cam_par, refined) at its best
 
 
 def child_runs(client: MlflowClient, experiment_id: str, sweep: str) -> dict[int, object]:
@@ -358,10 +401,11 @@ def child_runs(client: MlflowClient, experiment_id: str, sweep: str) -> dict[int
 
 
 def sync_states(client: MlflowClient, records: list[TrialRecord]) -> None:
-    """Make every child run's state tag agree with Optuna's outcome (covers trials whose worker died)."""
+    """Make every child run's state tag and name agree with Optuna's outcome (covers trials whose worker died)."""
     for record in records:
         if record.run_id is None or record.state == "running":
             continue
+        client.update_run(record.run_id, name=run_label(record.number, record.state, record.params))
         run = client.get_run(record.run_id)
         if run.data.tags.get(STATE_TAG) != record.state or run.info.status == "RUNNING":
             set_state(client, record.run_id, record.state)
@@ -371,7 +415,7 @@ def finish_parent(client: MlflowClient, ref: TrackingRef, records: list[TrialRec
                   best: TrialRecord | None, state: str = "completed") -> None:
     """Log the trials table, the curves figure and the best trial onto the parent run, and close it with
     `state` (completed, or interrupted when the budget is not spent)."""
-    rows = [{"trial": r.number, "state": r.state, "objective": r.value, "run_id": r.run_id or "",
+    rows = [{"trial": r.number, "state": r.state, "objective": r.value, **r.pseudo, "run_id": r.run_id or "",
              **{k: str(v) for k, v in r.params.items()}} for r in records]
     if rows:
         replace_table(client, ref.parent_run_id, pd.DataFrame(rows), TRIALS_TABLE)

@@ -29,7 +29,7 @@ from affseg.backbones.demo_weights import RANDOM_WEIGHTS
 from affseg.callbacks import Callback, ValidationResult
 from affseg.config import Config, ConfigError
 from affseg.sweep import analysis
-from affseg.sweep.analysis import IOU_PREFIX
+from affseg.sweep.analysis import IOU_PREFIX, PSEUDO_PREFIX
 from affseg.sweep.groups import members_of
 from affseg.sweep.savings import TIME_KEY, RayTrial, Savings, sweep_savings
 from affseg.sweep.pruning import (
@@ -39,7 +39,7 @@ from affseg.sweep.pruning import (
 from affseg.sweep.space import PROFILES_DIR, SweepSpec, load_space
 from affseg.sweep.tracking import (
     MlflowCallback, TrackingRef, TrialRecord, absolute_uri, child_runs, finish_parent, log_savings, open_experiment,
-    parent_run, retrying, sweep_exists, sync_states, tracking_uri,
+    CURVES_FIGURE, UI_BASE, parent_run, retrying, sweep_exists, sync_states, tracking_uri, ui_link,
 )
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
 from affseg.engine.trainer import ensure_dataset
@@ -61,6 +61,7 @@ ITERATION_KEY = "iteration"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 UI_COMMAND = "make mlflow-ui"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 STATE_NAMES = {
     optuna.trial.TrialState.COMPLETE: "completed", optuna.trial.TrialState.PRUNED: "pruned",
     optuna.trial.TrialState.FAIL: "failed", optuna.trial.TrialState.RUNNING: "running",
@@ -113,7 +114,7 @@ class TuneReporter(Callback):
         value = metrics.get(self.metric, float("nan"))
         if self.objective is None or (value > self.objective if self.mode == "max" else value < self.objective):
             self.objective = value
-            self.link.record_best({k: v for k, v in metrics.items() if k.startswith(IOU_PREFIX)})
+            self.link.record_best({k: v for k, v in metrics.items() if k.startswith((IOU_PREFIX, PSEUDO_PREFIX))})
         signal = metrics.get(self.link.signal or self.metric, float("nan"))  # what the pruner reads
         self.prune = self.link.should_prune(result.iteration, signal) and result.iteration < self.total
         report = {**metrics, ITERATION_KEY: result.iteration, OBJECTIVE_KEY: self.objective,
@@ -172,7 +173,7 @@ def run_trial(trial_config: dict, context: TrialContext) -> None:
         return
     out_dir = trial_scratch() / TRAIN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = MlflowCallback(context.tracking, number, None)
+    tracker = MlflowCallback(context.tracking, number, None, trial_config["params"])
     try:
         config = context.spec.trial_config(trial_config["params"], {"train.out_dir": str(out_dir)})
         tracker.config = config
@@ -264,6 +265,7 @@ class SweepSummary:
     name: str
     path: Path  # the Ray Tune experiment folder
     parent_run_id: str
+    experiment_id: str
     metric: str
     trials: list[TrialRecord]
     best: TrialRecord | None
@@ -278,6 +280,22 @@ class SweepSummary:
             counts[record.state] += 1
         return counts
 
+    def _trials_table(self) -> list[str]:
+        """Every trial's state, objective and pseudo-label mIoU at its best validation (%), best first."""
+        rows = [{"trial": r.number, "state": r.state, self.metric: r.value,
+                 **{k.removeprefix(PSEUDO_PREFIX): v for k, v in r.pseudo.items()}} for r in self.trials]
+        if not rows:
+            return []
+        table = pd.DataFrame(rows).sort_values(self.metric, ascending=False, na_position="last")
+        numeric = table.select_dtypes("number").columns.drop("trial")
+        table[numeric] = (100 * table[numeric]).round(1)
+        return ["trials (%; pseudo-label mIoU at each trial's best validation):", table.to_string(index=False)]
+
+    def description(self) -> str:
+        """The parent run's description (markdown): the terminal summary and the figures beside it."""
+        figures = [CURVES_FIGURE, analysis.IOU_HEATMAP, analysis.IMPORTANCE_HEATMAP]
+        return "\n".join(["```", *self.lines(), "```", "Figures (artifacts of this run): " + ", ".join(figures)])
+
     def lines(self) -> list[str]:
         counts = ", ".join(f"{n} {state}" for state, n in self.counts().items() if n)
         lines = [f"sweep {self.name}: {len(self.trials)} trials ({counts}); Ray results in {self.path}"]
@@ -287,13 +305,14 @@ class SweepSummary:
             lines.append(f"best trial {self.best.number}: {self.metric} {self.best.value:.4f} "
                          f"(MLflow run {self.best.run_id})")
             lines += [f"  {key} = {_short(value)}" for key, value in self.best.params.items()]
+        lines += self._trials_table()
         lines += self.class_report
         if self.savings is not None:
             lines.append(self.savings.line())
         if self.interrupted:
             lines.append(f"interrupted: continue with `make sweep ... RESUME=1` (or run_sweep(..., resume=True, "
                          f"name={self.name!r}))")
-        lines.append(f"open the tracking UI with `{UI_COMMAND}` (parent run {self.parent_run_id})")
+        lines.append(f"open the tracking UI with `{UI_COMMAND}`, then {ui_link(UI_BASE, self.experiment_id, self.parent_run_id)}")
         return lines
 
 
@@ -435,7 +454,8 @@ def _records(study: optuna.Study, runs: dict[int, object]) -> list[TrialRecord]:
     """Optuna's view of every trial (a pruned trial's value is its last reported one) + its MLflow run."""
     return [
         TrialRecord(t.number, STATE_NAMES[t.state], t.value, dict(t.params),
-                    runs[t.number].info.run_id if t.number in runs else None)
+                    runs[t.number].info.run_id if t.number in runs else None,
+                    {k: v for k, v in t.user_attrs.items() if k.startswith(PSEUDO_PREFIX)})
         for t in study.get_trials(deepcopy=False)
     ]
 
@@ -548,8 +568,9 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     log_savings(client, parent, savings)
     log_analysis(client, parent, study)
     finish_parent(client, tracking, records, spec.metric, best, "interrupted" if interrupted else "completed")
-    summary = SweepSummary(sweep, experiment, parent, spec.metric, records, best,
+    summary = SweepSummary(sweep, experiment, parent, experiment_id, spec.metric, records, best,
                            _per_class(grid, best, spec.metric, spec.mode), interrupted, savings,
                            analysis.report_lines(study))
+    retrying(client.set_tag, parent, NOTE_TAG, summary.description())
     print("\n".join(summary.lines()), flush=True)
     return summary
