@@ -53,7 +53,8 @@ def test_full_is_union_with_conditions_and_its_own_pruner():
     assert by_key["refine.bg_power"].when.key == "refine.background"
     assert by_key["refine.bg_power"].when.values == ("power",)
     assert by_key["refine.bg_score"].when.values == ("constant",)
-    assert full.pruner.type == "successive_halving" and refine.pruner.type == "median"
+    assert full.pruner.type == "successive_halving" and full.pruner.signal == ""  # val mIoU
+    assert refine.pruner.type == "successive_halving" and refine.pruner.signal == "pseudo/refined"  # measured
     # conditional parameters come after the parameter they depend on
     keys = [p.key for p in full.parameters]
     assert keys.index("refine.background") < keys.index("refine.bg_power")
@@ -80,7 +81,7 @@ def test_voc_profile_without_environment_is_one_line(monkeypatch):
 
 def test_overrides_reach_settings_and_config():
     spec = load_space("refine", "demo", ["trials=3", "pruner.n_startup_trials=1", "train.iterations=48"])
-    assert spec.trials == 3 and spec.pruner.n_startup_trials == 1 and spec.pruner.type == "median"
+    assert spec.trials == 3 and spec.pruner.n_startup_trials == 1 and spec.pruner.type == "successive_halving"
     assert spec.trial_config({}).train.iterations == 48
     with pytest.raises(ConfigError, match="unknown key 'bogus'; allowed: metric"):
         load_space("refine", "demo", ["bogus=1"])
