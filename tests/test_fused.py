@@ -104,3 +104,19 @@ def test_a_group_validates_on_one_encoder_forward_per_image(small_demo, tmp_path
         alone = validate(trainer.teacher, student, labeler, trainer.val_set, trainer.pseudo_set, 2, trainer.runtime,
                          folder)
         assert alone.metrics() == result.metrics()
+
+
+def test_a_group_that_does_not_fit_is_refused_with_the_largest_k_that_fits(small_demo, tmp_path, monkeypatch):
+    import affseg.engine.trainer
+    from affseg.engine.checkpoint import TrainingError
+    from affseg.engine.memory import head_bytes
+
+    config = _config(small_demo, tmp_path / "x", ())
+    per_head = head_bytes(config, parameters=1)  # about the same for every head: the parameters are small
+    monkeypatch.setattr(affseg.engine.trainer, "free_bytes", lambda device: int(2.5 * per_head))
+    members = [Member(_config(small_demo, tmp_path / str(i), o)) for i, o in enumerate(MEMBERS)]
+    with pytest.raises(TrainingError, match=r"^fuse=3: 3 heads need about .* GiB, .* GiB is free on cpu; "
+                                            r"the largest fuse that fits is [0-2]$"):
+        Trainer.fused(members)
+    monkeypatch.setattr(affseg.engine.trainer, "free_bytes", lambda device: 100 * per_head)
+    assert len(Trainer.fused(members).heads) == 3

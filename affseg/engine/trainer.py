@@ -19,6 +19,7 @@ from affseg.data.transforms import TrainAugment
 from affseg.data.voc import VocSegmentation
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainingError, load_checkpoint, writable_folder
 from affseg.engine.head import Head
+from affseg.engine.memory import fit_message, free_bytes, head_bytes
 from affseg.engine.hooks import DEFAULT_HOOKS
 from affseg.engine.runtime import RngStream, Runtime
 from affseg.method import build_pseudo_labeler, build_student, build_teacher
@@ -97,6 +98,8 @@ class Trainer:
             student = build_student(member.config, self.teacher)
             self.heads.append(Head(member.config, student, build_pseudo_labeler(member.config), self.runtime,
                                    member.callbacks, out_dir, RngStream.capture()))
+        if len(self.heads) > 1:
+            self._check_memory()
         starts = {head.restore(load_checkpoint(m.resume_from)) for head, m in zip(self.heads, members)
                   if m.resume_from is not None}
         if len(starts) > 1 or (starts and any(m.resume_from is None for m in members)):
@@ -110,6 +113,14 @@ class Trainer:
         self.train_set = VocSegmentation(data.root, data.train_split, augment, data.cls_labels, seed=config.train.seed)
         self.val_set = VocSegmentation(data.root, data.val_split, None, data.cls_labels, limit=data.val_limit)
         self.pseudo_set = VocSegmentation(data.root, data.train_split, None, data.cls_labels, limit=data.pseudo_subset)
+
+    def _check_memory(self) -> None:
+        """One-line TrainingError, with the largest K that fits, when the group's heads would not fit the device."""
+        parameters = sum(p.numel() for p in self.heads[0].student.parameters())
+        per_head = head_bytes(self.config, parameters)
+        problem = fit_message(len(self.heads), per_head, free_bytes(self.runtime.device), self.runtime.device)
+        if problem:
+            raise TrainingError(problem)
 
     def active_heads(self) -> list[Head]:
         return [head for head in self.heads if not head.stopped]
