@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 
 IOU_PREFIX = "iou/"
+PSEUDO_PREFIX = "pseudo/"
 MIN_TRIALS = 4  # fANOVA on fewer completed trials says nothing
 TOP_TRIALS = 8  # trials in the per-class heatmap
 FANOVA_SEED = 0

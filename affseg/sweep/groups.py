@@ -57,7 +57,7 @@ class GroupSink:
         best = [r[OBJECTIVE_KEY] for r in reports]
         mode = next(iter(self.pending.values()))[0].mode
         result[OBJECTIVE_KEY] = max(best) if mode == "max" else min(best)
-        from affseg.sweep.tuner import ITERATION_KEY
+        from affseg.sweep.trial import ITERATION_KEY
 
         result[ITERATION_KEY] = reports[0][ITERATION_KEY]
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(self.stage_dir)))
@@ -73,7 +73,7 @@ def _restore_group(scratch: Path) -> tuple[dict[int, tuple[Path, float]], list[i
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return {}, []
-    from affseg.sweep.tuner import OBJECTIVE_FILE
+    from affseg.sweep.trial import OBJECTIVE_FILE
 
     restored = scratch / "restored"
     checkpoint.to_directory(str(restored))
@@ -88,7 +88,7 @@ def _restore_group(scratch: Path) -> tuple[dict[int, tuple[Path, float]], list[i
 def run_group(members: list[dict], context) -> None:
     """Train the group's members that have not finished, resumed from the group's last checkpoint."""
     from affseg.engine.trainer import Member
-    from affseg.sweep.tuner import STAGE_DIR, TRAIN_DIR, TuneReporter, trial_scratch
+    from affseg.sweep.trial import STAGE_DIR, TRAIN_DIR, TuneReporter, trial_scratch
     from affseg.train import train_fused
 
     scratch = trial_scratch()
