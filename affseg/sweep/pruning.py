@@ -126,8 +126,8 @@ class TrialLink:
         return self.storage.get_trial(self.trial_id).state in FINISHED
 
     def record_best(self, values: dict[str, float]) -> None:
-        """Store the per-class IoU of the trial's best validation so far (`iou/<class>`) as Optuna user
-        attributes: the per-class importance analysis (`affseg.sweep.analysis`) reads them."""
+        """Store the trial's best validation so far (the sweep metric, `iou/<class>`, `pseudo/<kind>`) as Optuna
+        user attributes: the summary and the per-class importance analysis (`affseg.sweep.analysis`) read them."""
         for key, value in values.items():
             self.storage.set_trial_user_attr(self.trial_id, key, float(value))
 

@@ -167,10 +167,13 @@ def measure_savings(grid: tune.ResultGrid, study: optuna.Study, total: int, reso
     return sweep_savings(study.get_trials(deepcopy=False), runs, total, gpu or resources["cpu"], "GPU" if gpu else "CPU")
 
 
-def trial_records(study: optuna.Study, runs: dict[int, object]) -> list[TrialRecord]:
-    """Optuna's view of every trial (a pruned trial's value is its last reported one) + its MLflow run."""
+def trial_records(study: optuna.Study, runs: dict[int, object], metric: str) -> list[TrialRecord]:
+    """Optuna's view of every trial + its MLflow run. A trial that did not complete shows the best `metric` it
+    reached (a user attribute: Optuna's own value for a pruned trial is the last pruning signal it read)."""
     return [
-        TrialRecord(t.number, STATE_NAMES[t.state], t.value, dict(t.params),
+        TrialRecord(t.number, STATE_NAMES[t.state],
+                    t.value if t.state == optuna.trial.TrialState.COMPLETE else t.user_attrs.get(metric, t.value),
+                    dict(t.params),
                     runs[t.number].info.run_id if t.number in runs else None,
                     {k: v for k, v in t.user_attrs.items() if k.startswith(PSEUDO_PREFIX)})
         for t in study.get_trials(deepcopy=False)

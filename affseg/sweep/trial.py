@@ -73,7 +73,8 @@ class TuneReporter(Callback):
         value = metrics.get(self.metric, float("nan"))
         if self.objective is None or (value > self.objective if self.mode == "max" else value < self.objective):
             self.objective = value
-            self.link.record_best({k: v for k, v in metrics.items() if k.startswith((IOU_PREFIX, PSEUDO_PREFIX))})
+            self.link.record_best({self.metric: value, **{k: v for k, v in metrics.items()
+                                                          if k.startswith((IOU_PREFIX, PSEUDO_PREFIX))}})
         signal = metrics.get(self.link.signal or self.metric, float("nan"))  # what the pruner reads
         self.prune = self.link.should_prune(result.iteration, signal) and result.iteration < self.total
         report = {**metrics, ITERATION_KEY: result.iteration, OBJECTIVE_KEY: self.objective,

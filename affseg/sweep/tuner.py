@@ -243,7 +243,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
             ray.shutdown()
 
     study = optuna.load_study(study_name=sweep, storage=open_storage(study_ref.storage))
-    records = trial_records(study, child_runs(client, experiment_id, sweep))
+    records = trial_records(study, child_runs(client, experiment_id, sweep), spec.metric)
     sync_states(client, records)
     best = best_record(records, spec.mode)
     interrupted = len(grid) < ray_trials(spec) or any(r.state == "running" for r in records)
