@@ -23,9 +23,9 @@ def test_promote_finds_sweeps_whose_names_hold_quotes(store, tmp_path):
     space = tmp_path / "space.yaml"
     parents = {name: parent_run(client, experiment_id, name, [space], {"space": "space"}) for name in ("x'", 'y"')}
     for name, run_id in parents.items():
-        assert promote._parent(client, experiment_id, name).info.run_id == run_id
+        assert promote.sweep_parent(client, experiment_id, name).info.run_id == run_id
     with pytest.raises(promote.PromotionError, match="no sweep"):
-        promote._parent(client, experiment_id, "absent'")
+        promote.sweep_parent(client, experiment_id, "absent'")
     with pytest.raises(promote.PromotionError, match="cannot be searched") as error:
-        promote._parent(client, experiment_id, "z'\"")
+        promote.sweep_parent(client, experiment_id, "z'\"")
     assert "\n" not in str(error.value)
