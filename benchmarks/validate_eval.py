@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import math  # noqa: E402
 import tempfile  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from affseg.config import Config, EvalConfig, load_config  # noqa: E402
+from affseg.config import Config, load_config  # noqa: E402
 from affseg.data.demo import DemoSpec, make_demo  # noqa: E402
 from affseg.data.transforms import denormalise, normalise  # noqa: E402
 from affseg.data.voc import VocSegmentation, read_image  # noqa: E402
@@ -47,6 +48,9 @@ from affseg.method import (  # noqa: E402
 from affseg.metrics import ConfusionMatrix  # noqa: E402
 from affseg.validate import OVERLAY_IMAGES, PSEUDO_KINDS, batches_by_size, validate  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_predict import reference_probs  # noqa: E402  (the evaluation loop before the Predictor: the test's reference)
+
 ENCODERS = {"tiny": "unicl_swin_tiny", "swin_b": "unicl_swin_b"}
 # encoder:size:images (images per set: val, pseudo subset and evaluation each); Swin-B at 512 is slow on CPU
 DEFAULT_CASES = ["tiny:224:4", "tiny:512:2", "swin_b:224:2", "swin_b:512:1"]
@@ -56,24 +60,6 @@ MS = 1e3
 
 def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def reference_probs(teacher: Teacher, student: Student, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """The previous evaluation loop: (1, 3, H, W) → (21, H, W), one batch-1 forward per scale and flip."""
-    height, width = image.shape[-2:]
-    base = cfg.long_side / max(height, width)
-    target = (round(height * base), round(width * base))
-    total = torch.zeros(1, 21, *target, device=image.device)
-    count = 0
-    for scale in cfg.scales:
-        scaled = _resize(image, tuple(max(1, round(side * scale)) for side in target))
-        views = [scaled, scaled.flip(-1)] if cfg.flip else [scaled]
-        for index, view in enumerate(views):
-            logits = student(teacher.features(view), view.shape[-2:]).logits.float()
-            total += _resize(logits.flip(-1) if index == 1 else logits, target)
-            count += 1
-    return _resize(torch.softmax(total / count, dim=1), (height, width))[0]
 
 
 def reference_evaluate(trained: TrainedModel, limit: int) -> float:

@@ -31,12 +31,14 @@ def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reference_probs(teacher, student, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """The loop before the Predictor: (1, 3, H, W) → (21, H, W), one batch-1 forward per scale and flip."""
+    """The loop before the Predictor: (1, 3, H, W) → (21, H, W), one batch-1 forward per scale and flip
+    (also the "before" path of benchmarks/validate_eval.py)."""
     height, width = image.shape[-2:]
     base = cfg.long_side / max(height, width)
     target = (round(height * base), round(width * base))
-    total = torch.zeros(1, 21, *target)
+    total = torch.zeros(1, 21, *target, device=image.device)
     count = 0
     for scale in cfg.scales:
         scaled = _resize(image, tuple(max(1, round(side * scale)) for side in target))
