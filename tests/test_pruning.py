@@ -295,3 +295,25 @@ def test_sweep_runs_in_mlflow(synthetic_sweep):
 import ray.cloudpickle  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.parametrize("kind", ["successive_halving", "hyperband"])
+def test_no_pruning_before_startup_trials_complete(kind):
+    """With n_startup_trials=2, a trial far below the others is kept while fewer than 2 trials have completed,
+    and pruned at the same point once 2 have; without the wrapper it would be pruned at once."""
+    from affseg.sweep.pruning import build_pruner
+    from affseg.sweep.space import PrunerSpec
+
+    def verdicts(startup: int | None) -> list[bool]:
+        spec = PrunerSpec(type=kind, min_resource=1, reduction_factor=2, n_startup_trials=startup)
+        study = optuna.create_study(direction="maximize", pruner=build_pruner(spec, max_resource=4))
+        pruned = []
+        for value in (0.9, 0.1, 0.8, 0.1):  # the two 0.1 trials: one before, one after two completions
+            trial = study.ask()
+            trial.report(value, step=1)
+            pruned.append(trial.should_prune())
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned[-1] else study.tell(trial, value)
+        return pruned
+
+    assert verdicts(2)[1] is False and verdicts(2)[3] is True
+    assert verdicts(None)[1] is True  # the same weak trial, no startup: pruned

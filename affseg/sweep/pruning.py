@@ -44,6 +44,7 @@ PRUNED_KEY = "pruned"  # in every reported result: 1.0 when the pruner ended the
 OBJECTIVE_KEY = "objective"  # in every reported result: best value of the sweep metric so far
 JOURNAL_PREFIX = "journal:"  # optuna_storage=journal:/shared/optuna.log → a journal file, not an RDB
 SQLITE_LOCK_TIMEOUT_S = 60  # trials and driver share one SQLite file; wait for its lock this long
+MEDIAN_STARTUP_TRIALS = 2  # Optuna's MedianPruner needs some finished curves for its median
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -70,14 +71,32 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
+class AfterStartup(optuna.pruners.BasePruner):
+    """`pruner`, but no trial is pruned before `startup` trials of the study have completed: they give the
+    pruner full curves to compare against and the per-class importance analysis its completed trials."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, startup: int):
+        self.pruner = pruner
+        self.startup = startup
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return len(completed) >= self.startup and self.pruner.prune(study, trial)
+
+
 def build_pruner(spec: PrunerSpec, max_resource: int | str = "auto") -> optuna.pruners.BasePruner:
     """The Optuna pruner of `spec`; `max_resource` (hyperband): the iterations of a full trial."""
     if spec.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
+        startup = MEDIAN_STARTUP_TRIALS if spec.n_startup_trials is None else spec.n_startup_trials
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=spec.n_warmup_steps)
     if spec.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1 if spec.min_resource == "auto" else spec.min_resource,
-                                              max_resource=max_resource, reduction_factor=spec.reduction_factor)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource, reduction_factor=spec.reduction_factor)
+        pruner = optuna.pruners.HyperbandPruner(min_resource=1 if spec.min_resource == "auto" else spec.min_resource,
+                                                max_resource=max_resource, reduction_factor=spec.reduction_factor)
+    else:
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource,
+                                                        reduction_factor=spec.reduction_factor)
+    # Wrapped, a HyperbandPruner is no longer recognised by TPE, which then samples from all brackets' trials.
+    return AfterStartup(pruner, spec.n_startup_trials) if spec.n_startup_trials else pruner
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class PrunerSpec:
     """An Optuna pruner; steps are training iterations (the validation's `iteration`)."""
 
     type: str = "median"
-    n_startup_trials: int = 2  # median: trials that must finish before any pruning
+    n_startup_trials: int | None = None  # trials that must complete before any pruning (None: 2 for median, 0 else)
     n_warmup_steps: int = 0  # median: no pruning at or before this iteration
     min_resource: int | str = "auto"  # successive halving / hyperband: iterations of the first rung, or "auto"
     reduction_factor: int = 3  # successive halving / hyperband: keep the top 1/reduction_factor per rung
