@@ -1,37 +1,19 @@
 """One batched Grad-CAM backward (`is_grads_batched`) equals the per-slot backward loop it replaced (issue 13,
-item 2): the loop is kept here as the reference."""
+item 2): the loop is kept in tests/hot_path_reference.py as the reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hot_path_reference import reference_cams
 from test_train import tiny_config
 
-from affseg.cam import _slot_masks, cam_from_gradients, compute_cams, minmax_normalise
+from affseg.cam import compute_cams
 from affseg.method import build_teacher
 
 # issue 13: the same CAMs to 1e-6; Grad-CAM++ weighs gradients by their square and cube, which doubles
 # the effect of summation order on the random CLIP ViT (measured 1.01e-6)
 TOLERANCE = {"gradcam": 1e-6, "layercam": 1e-6, "gradcampp": 2e-6}
-
-
-def reference_cams(teacher, images, labels, method):
-    """The per-slot loop: one `autograd.grad` of the summed slot probabilities per present-class slot."""
-    present = labels > 0
-    num_fg = labels.shape[1]
-    with torch.enable_grad():
-        features = teacher.encoder.encode_image(teacher.encoder_input(images), grad_block=teacher.cam_block)
-        acts = features.blocks[teacher.cam_block]
-        logits = teacher.classifier.logits(features.embedding.float())
-        absent = ~present & present.any(dim=1, keepdim=True)
-        fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
-        probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
-        slots = _slot_masks(labels)
-        cams = acts.new_zeros(acts.shape[0], num_fg, *acts.shape[-2:], dtype=torch.float32)
-        for index, mask in enumerate(slots):
-            (grads,) = torch.autograd.grad((probs * mask).sum(), acts, retain_graph=index < len(slots) - 1)
-            cams = cams + mask[:, :, None, None] * cam_from_gradients(acts.detach().float(), grads.float(), method)[:, None]
-    return minmax_normalise(cams)
 
 
 # the trained demo Swin (random Swin weights give CAMs ~1e-4 in size, where summation order alone moves the

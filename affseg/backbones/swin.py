@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import Tensor
 
@@ -120,28 +121,28 @@ def window_layout(grid: tuple[int, int], shifted: bool, device: torch.device) ->
 
 
 def window_attention(block: SwinTransformerBlock, x: Tensor, layout: WindowLayout) -> Tensor:
-    """(Shifted-)window self-attention of a timm Swin block on a normalised ``(B, h, w, C)`` map."""
+    """(Shifted-)window self-attention of a timm Swin block on a normalised ``(B, h, w, C)`` map.
+
+    One fused attention call (``F.scaled_dot_product_attention``) per block: the relative position bias and
+    the shifted-window mask enter as one additive mask. The explicit softmax(QKᵀ·scale + bias + mask)·V it
+    replaced is kept in ``tests/hot_path_reference.py`` (same output to 1e-5 in float32)."""
     batch, height, width, channels = x.shape
     if any(layout.shift):
         x = torch.roll(x, shifts=(-layout.shift[0], -layout.shift[1]), dims=(1, 2))
     pad_h, pad_w = layout.padding
-    x = torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     padded_h, padded_w = height + pad_h, width + pad_w
 
     attn = block.attn
     tokens = _partition(x, layout.window).flatten(1, 2)  # (B * nW, N, C)
     windows, length, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(windows, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)  # (B * nW, heads, N, head_dim)
-    logits = (query * attn.scale) @ key.transpose(-2, -1)
-    bias = attn.relative_position_bias_table[layout.bias_index.flatten()]
-    logits = logits + bias.view(length, length, -1).permute(2, 0, 1)
-    if layout.mask is not None:
-        num_windows = layout.mask.shape[0]
-        logits = logits.view(batch, num_windows, attn.num_heads, length, length)
-        logits = logits + layout.mask[None, :, None].to(logits.dtype)
-        logits = logits.view(windows, attn.num_heads, length, length)
-    out = (logits.softmax(dim=-1) @ value).transpose(1, 2).reshape(windows, length, -1)
+    num_windows = windows // batch
+    qkv = attn.qkv(tokens).reshape(batch, num_windows, length, 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+    query, key, value = qkv.unbind(0)  # (B, nW, heads, N, head_dim)
+    bias = attn.relative_position_bias_table[layout.bias_index.flatten()].view(length, length, -1).permute(2, 0, 1)
+    additive = bias if layout.mask is None else bias + layout.mask[:, None]  # (heads | nW × heads, N, N)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive.to(query.dtype), scale=attn.scale)
+    out = out.transpose(2, 3).reshape(windows, length, -1)
     out = attn.proj(out)
 
     out = _unpartition(out.view(windows, *layout.window, channels), layout.window, padded_h, padded_w)

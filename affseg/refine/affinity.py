@@ -21,13 +21,15 @@ def encoder_affinities(blocks: list[Tensor]) -> Tensor:
     Returns (B, K, N, N) with A^k[i, j] = max(0, f̃_iᵀ f̃_j), f̃ = f / ‖f‖₂ over C.
     """
     size = blocks[0].shape[-2:]
-    affinities = []
     for index, block in enumerate(blocks):
         if block.shape[-2:] != size:
             raise ValueError(f"block {index} has grid {tuple(block.shape[-2:])}, expected {tuple(size)}")
-        tokens = F.normalize(block.flatten(2), dim=1)  # (B, C, N)
-        affinities.append(tokens.transpose(1, 2) @ tokens)
-    return torch.stack(affinities, dim=1).clamp(min=0)
+    # One batched matmul for all K blocks: channels are zero-padded to the widest block, which changes
+    # neither a token's norm nor a dot product.
+    channels = max(block.shape[1] for block in blocks)
+    tokens = torch.stack([F.pad(block.flatten(2), (0, 0, 0, channels - block.shape[1])) for block in blocks], dim=1)
+    tokens = F.normalize(tokens, dim=2)  # (B, K, C, N)
+    return (tokens.transpose(-2, -1) @ tokens).clamp(min=0)
 
 
 def decoder_affinity(fused: Tensor) -> Tensor:
