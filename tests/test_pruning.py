@@ -3,6 +3,7 @@
 `synthetic_train` follows `affseg.train.train`'s protocol exactly (callbacks, checkpoints in
 `train.out_dir`, `last.pt` resume) with a deterministic validation curve computed from the config:
 the sweep machinery runs for real (Ray Tune, Optuna on SQLite, MLflow on SQLite) in seconds.
+`synthetic_train_fused` does the same for a fused group (`affseg.train.train_fused`'s protocol).
 """
 
 from __future__ import annotations
@@ -74,45 +75,100 @@ def _event(**values) -> None:
             file.write(json.dumps(values) + "\n")
 
 
-def synthetic_train(config, callbacks=(), resume_from=None) -> TrainResult:
-    """`affseg.train.train` stand-in: validations every `val_interval`, checkpoints, stop on request."""
+class _SyntheticRun:
+    """One configuration of a synthetic run, validation by validation: what `synthetic_train` (alone) and
+    `synthetic_train_fused` (a group) do for each configuration."""
+
+    def __init__(self, config, callbacks=(), resume_from=None):
+        self.config, self.callbacks = config, list(callbacks)
+        self.out = Path(config.train.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = json.loads(Path(resume_from).read_text()) if resume_from else {"iteration": 0, "best": None}
+        self.iteration = state["iteration"]
+        self.best = ValidationResult.from_dict(state["best"]) if state["best"] else None
+        self.history: list[ValidationResult] = []
+        self.stopped = False
+        self._pending: tuple[ValidationResult, bool] | None = None
+
+    @property
+    def training(self) -> bool:
+        return self.iteration < self.config.train.iterations and not self.stopped
+
+    def start(self) -> None:
+        _event(out=str(self.out), kind="start", iteration=self.iteration)
+        for callback in self.callbacks:
+            callback.on_start(self.config, self.iteration)
+
+    def evaluate(self) -> None:
+        """Train up to the next validation and validate: losses logged, `last.pt` (and `best.pt`) written."""
+        config = self.config
+        self.iteration += config.train.val_interval
+        for callback in self.callbacks:
+            callback.on_log(self.iteration, {"loss": 1.0 / self.iteration, "loss/seg": 0.5, "loss/aff": 0.25,
+                                             "lr": config.optim.lr})
+        if config.refine.alpha == FAIL_ALPHA and config.refine.deviation == "signed":
+            raise RuntimeError("synthetic failure for alpha 4 + signed deviation")
+        result = _validation(config, self.iteration, self.out)
+        is_best = self.best is None or result.miou > self.best.miou
+        self.best = result if is_best else self.best
+        self.history.append(result)
+        _save(self.out / "last.pt", self.iteration, self.best.to_dict())
+        if is_best:
+            _save(self.out / "best.pt", self.iteration, self.best.to_dict())
+        self._pending = (result, is_best)
+
+    def report(self) -> None:
+        """The callbacks see the validation; the run stops when one asks (before the last iteration)."""
+        result, is_best = self._pending
+        for callback in self.callbacks:
+            callback.on_validation(result, self.out / "last.pt", is_best)
+        total = self.config.train.iterations
+        self.stopped = any(c.should_stop() for c in self.callbacks) and self.iteration < total
+        _event(out=str(self.out), kind="validation", iteration=self.iteration, stopped=self.stopped)
+
+    def end(self) -> TrainResult:
+        outcome = TrainResult(best=self.best, best_checkpoint=self.out / "best.pt", last_checkpoint=self.out / "last.pt",
+                              iterations_done=self.iteration, stopped_early=self.stopped, history=self.history)
+        for callback in self.callbacks:
+            callback.on_end(outcome)
+        return outcome
+
+
+def _sleep() -> None:
     import os
     import time
 
-    sleep = float(os.environ.get(SLEEP_ENV, "0"))
-    out = Path(config.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = json.loads(Path(resume_from).read_text()) if resume_from else {"iteration": 0, "best": None}
-    iteration, best = state["iteration"], state["best"]
-    best_result = ValidationResult.from_dict(best) if best else None
-    history, stopped = [], False
-    _event(out=str(out), kind="start", iteration=iteration)
-    for callback in callbacks:
-        callback.on_start(config, iteration)
-    while iteration < config.train.iterations and not stopped:
-        iteration += config.train.val_interval
-        for callback in callbacks:
-            callback.on_log(iteration, {"loss": 1.0 / iteration, "loss/seg": 0.5, "loss/aff": 0.25, "lr": config.optim.lr})
-        if config.refine.alpha == FAIL_ALPHA and config.refine.deviation == "signed":
-            raise RuntimeError("synthetic failure for alpha 4 + signed deviation")
-        result = _validation(config, iteration, out)
-        is_best = best_result is None or result.miou > best_result.miou
-        best_result = result if is_best else best_result
-        history.append(result)
-        _save(out / "last.pt", iteration, best_result.to_dict())
-        if is_best:
-            _save(out / "best.pt", iteration, best_result.to_dict())
-        time.sleep(sleep)
-        for callback in callbacks:
-            callback.on_validation(result, out / "last.pt", is_best)
-        _event(out=str(out), kind="validation", iteration=iteration)
-        stopped = any(c.should_stop() for c in callbacks) and iteration < config.train.iterations
-    outcome = TrainResult(best=best_result, best_checkpoint=out / "best.pt", last_checkpoint=out / "last.pt",
-                          iterations_done=iteration, stopped_early=stopped, history=history)
-    for callback in callbacks:
-        callback.on_end(outcome)
-    return outcome
+    time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
 
+
+def synthetic_train(config, callbacks=(), resume_from=None) -> TrainResult:
+    """`affseg.train.train` stand-in: validations every `val_interval`, checkpoints, stop on request."""
+    run = _SyntheticRun(config, callbacks, resume_from)
+    run.start()
+    while run.training:
+        run.evaluate()
+        _sleep()
+        run.report()
+    return run.end()
+
+
+def synthetic_train_fused(members) -> list[TrainResult]:
+    """`affseg.train.train_fused` stand-in: each `Member` (config, callbacks, resume_from) runs as in
+    `synthetic_train`, all validating together (one sleep per validation: the shared teacher pass); a member
+    whose callback says stop leaves, the others go on; every member's `on_end` when the group ends."""
+    runs = [_SyntheticRun(member.config, member.callbacks, member.resume_from) for member in members]
+    starts = sorted({run.iteration for run in runs})
+    if len(starts) > 1:  # as the real trainer: one group, one schedule
+        raise RuntimeError(f"resume: the members of a fused group resume from one iteration, got {starts}")
+    for run in runs:
+        run.start()
+    while active := [run for run in runs if run.training]:
+        for run in active:
+            run.evaluate()
+        _sleep()
+        for run in active:
+            run.report()
+    return [run.end() for run in runs]
 
 
 # ---------------------------------------------------------------- the bridge driven by hand (no Ray)
@@ -297,15 +353,14 @@ import ray.cloudpickle  # noqa: E402
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.mark.parametrize("kind", ["successive_halving", "hyperband"])
-def test_no_pruning_before_startup_trials_complete(kind):
+def test_no_pruning_before_startup_trials_complete():
     """With n_startup_trials=2, a trial far below the others is kept while fewer than 2 trials have completed,
     and pruned at the same point once 2 have; without the wrapper it would be pruned at once."""
     from affseg.sweep.pruning import build_pruner
     from affseg.sweep.space import PrunerSpec
 
     def verdicts(startup: int | None) -> list[bool]:
-        spec = PrunerSpec(type=kind, min_resource=1, reduction_factor=2, n_startup_trials=startup)
+        spec = PrunerSpec(type="successive_halving", min_resource=1, reduction_factor=2, n_startup_trials=startup)
         study = optuna.create_study(direction="maximize", pruner=build_pruner(spec, max_resource=4))
         pruned = []
         for value in (0.9, 0.1, 0.8, 0.1):  # the two 0.1 trials: one before, one after two completions
@@ -315,5 +370,6 @@ def test_no_pruning_before_startup_trials_complete(kind):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned[-1] else study.tell(trial, value)
         return pruned
 
-    assert verdicts(2)[1] is False and verdicts(2)[3] is True
-    assert verdicts(None)[1] is True  # the same weak trial, no startup: pruned
+    assert verdicts(None)[1] is True  # the weak trial, no startup: pruned
+    assert verdicts(2)[1] is False  # the same trial before 2 completions: kept
+    assert verdicts(2)[3] is True  # after them: pruned, against the startup trials' recorded rungs

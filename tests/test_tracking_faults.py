@@ -12,7 +12,7 @@ from test_tracking import _config, _result, store  # noqa: F401  (store is a fix
 
 from affseg.callbacks import TrainResult
 from affseg.config import TrackingConfig
-from affseg.sweep import tracking
+from affseg.sweep import tracking, trial_logging
 from affseg.sweep.tracking import MlflowCallback, read_table, tracking_uri
 
 
@@ -54,7 +54,7 @@ def test_persistent_failure_warns_and_training_continues(store, tmp_path, sleeps
     healthy = callback.client.log_batch
     broken = _failing(healthy, failures=None)
     callback.client.log_batch = broken
-    with caplog.at_level(logging.WARNING, logger=tracking.__name__):
+    with caplog.at_level(logging.WARNING, logger=trial_logging.__name__):
         callback.on_log(10, {"loss": 2.0})  # must not raise
         callback.on_validation(_result(10, 0.3, tmp_path), tmp_path / "last.pt", True)
     assert broken.count == 2 * tracking.RETRY_ATTEMPTS
@@ -67,7 +67,7 @@ def test_persistent_failure_warns_and_training_continues(store, tmp_path, sleeps
     assert [m.step for m in client.get_metric_history(callback.run_id, "loss")] == [20]
     callback.client.set_terminated = _failing(callback.client.set_terminated, failures=None)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=tracking.__name__):
+    with caplog.at_level(logging.WARNING, logger=trial_logging.__name__):
         callback.on_end(TrainResult(None, None, None, 20, False))
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         f"MLflow logging failed after {tracking.RETRY_ATTEMPTS} attempts at iteration 20"]

@@ -26,8 +26,8 @@ import optuna
 import ray
 from ray.tune.search import Searcher
 
-from affseg.sweep.space import PrunerSpec, SweepSpec
-from affseg.sweep.tracking import absolute_uri
+from affseg.sweep.spec import PrunerSpec, SweepSpec
+from affseg.sweep.uris import absolute_uri
 
 # Tested against ray[tune]==2.60.0 (pinned in pyproject.toml): the Searcher hooks, Tuner.restore and
 # ray.tune.report/get_checkpoint used here changed between minor releases before.
@@ -80,8 +80,9 @@ class AfterStartup(optuna.pruners.BasePruner):
         self.startup = startup
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        verdict = self.pruner.prune(study, trial)  # always asked: successive halving records the rung values here
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        return len(completed) >= self.startup and self.pruner.prune(study, trial)
+        return verdict and len(completed) >= self.startup
 
 
 def build_pruner(spec: PrunerSpec, max_resource: int | str = "auto") -> optuna.pruners.BasePruner:

@@ -19,7 +19,8 @@ from affseg.sweep.analysis import PSEUDO_PREFIX
 from affseg.sweep.groups import members_of
 from affseg.sweep.pruning import OBJECTIVE_KEY, PRUNED_KEY, member_key
 from affseg.sweep.savings import TIME_KEY, RayTrial, Savings, sweep_savings
-from affseg.sweep.tracking import CURVES_FIGURE, UI_BASE, TrialRecord, retrying, ui_link
+from affseg.sweep.sweep_results import TrialRecord
+from affseg.sweep.tracking import CURVES_FIGURE, UI_BASE, retrying, ui_link
 from affseg.sweep.trial import ITERATION_KEY
 
 UI_COMMAND = "make mlflow-ui"

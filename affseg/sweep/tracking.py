@@ -7,18 +7,21 @@ parent = (`affseg.sweep`, role parent), child = (`affseg.sweep`, `affseg.trial` 
 Store: `TrackingConfig.mlflow_uri` (SQLite `mlflow/mlflow.db`) with artifacts under
 `TrackingConfig.artifact_root`; the environment variable MLFLOW_TRACKING_URI (e.g. a tracking server)
 overrides both.
+
+This module holds the store, the runs and their tags; what a trial logs is `affseg.sweep.trial_logging`,
+what the driver writes at the end `affseg.sweep.sweep_results`.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 import math
 import os
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,10 +32,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from sqlalchemy.exc import OperationalError
 
-from affseg.callbacks import Callback, TrainResult, ValidationResult
 from affseg.config import Config, TrackingConfig, to_dict
-
-log = logging.getLogger(__name__)
+from affseg.sweep.uris import SQLITE_PREFIX, absolute_uri
 
 SWEEP_TAG = "affseg.sweep"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -59,7 +60,6 @@ BATCH_LIMIT = 100  # MLflow accepts at most this many params per log_batch call
 ERROR_TAG_CHARS = 500
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-SQLITE_PREFIX = "sqlite:///"
 SQLITE_BUSY_TIMEOUT_S = 30  # concurrent trials wait this long for SQLite's write lock instead of failing at once
 SQLITE_TIMEOUT_PARAM = "timeout"  # URI query parameter SQLAlchemy's pysqlite dialect passes to sqlite3.connect
 
@@ -68,16 +68,6 @@ RETRY_BASE_DELAY_S = 0.5  # waits 0.5, 1, 2 s between the tries
 RETRYABLE = (MlflowException, OperationalError, OSError)  # OSError covers requests' connection errors
 # log_table and promotion download artifacts; their progress bars would flood trial logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def absolute_uri(uri: str) -> str:
-    """`sqlite:///relative.db` → `sqlite:////abs/relative.db` (trials run in other working directories);
-    creates the database's folder. Other URIs are returned unchanged."""
-    if not uri.startswith(SQLITE_PREFIX):
-        return uri
-    path = Path(uri[len(SQLITE_PREFIX):]).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"{SQLITE_PREFIX}{path}"
 
 
 def with_busy_timeout(uri: str, seconds: float = SQLITE_BUSY_TIMEOUT_S) -> str:
@@ -172,13 +162,13 @@ def tag_filter(tags: dict[str, str]) -> str:
     return " AND ".join(f"tags.`{key}` = {quote_filter_value(str(value))}" for key, value in tags.items())
 
 
-def _find(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list:
+def find_runs(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list:
     query = tag_filter(tags)
     return client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
 
 
 def sweep_exists(client: MlflowClient, experiment_id: str, sweep: str) -> bool:
-    return bool(_find(client, experiment_id, {SWEEP_TAG: sweep}))
+    return bool(find_runs(client, experiment_id, {SWEEP_TAG: sweep}))
 
 
 def git_commit() -> str:
@@ -193,7 +183,7 @@ def git_commit() -> str:
 def parent_run(client: MlflowClient, experiment_id: str, sweep: str, spec_files: Iterable[Path],
                settings: dict[str, object]) -> str:
     """The sweep's parent run id; created (with the space files, settings and git commit) only once."""
-    found = _find(client, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: "parent"})
+    found = find_runs(client, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: "parent"})
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -236,7 +226,7 @@ def child_run(ref: TrackingRef, trial_number: int, config: Config | None = None,
     """The child run of Optuna trial `trial_number`: found by tags, or created with all config params and
     named by `run_label` from the swept `params`."""
     client = ref.client()
-    found = _find(client, ref.experiment_id, {SWEEP_TAG: ref.sweep, TRIAL_TAG: str(trial_number)})
+    found = find_runs(client, ref.experiment_id, {SWEEP_TAG: ref.sweep, TRIAL_TAG: str(trial_number)})
     if found:
         return found[0].info.run_id
     tags = {SWEEP_TAG: ref.sweep, TRIAL_TAG: str(trial_number), ROLE_TAG: "trial", MLFLOW_PARENT_RUN_ID: ref.parent_run_id,
@@ -262,7 +252,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _metrics(values: dict[str, float], step: int) -> list[Metric]:
+def to_metrics(values: dict[str, float], step: int) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, step) for key, value in values.items() if math.isfinite(float(value))]
 
@@ -293,171 +283,16 @@ def set_state(client: MlflowClient, run_id: str, state: str, error: str | None =
         client.set_terminated(run_id, status=RUN_STATUS.get(state, "FINISHED"))
 
 
-class MlflowCallback(Callback):
-    """Logs one trial into its child run: params, losses and lr, validation metrics, the per-class IoU
-    table, figures, the best checkpoint, and `state` = completed | pruned | failed.
-
-    Every tracking call is retried (`retrying`); one that still fails is logged as a warning and training
-    goes on. Each validation iteration is logged once, also when a resumed trial validates it again."""
-
-    def __init__(self, ref: TrackingRef, trial_number: int, config: Config | None, params: dict | None = None):
-        self.ref, self.trial_number, self.config, self.params = ref, trial_number, config, params
-        self.client = ref.client()
-        self._run_id: str | None = None
-        self._metric_steps: set[int] | None = None  # steps of `val/miou` already in the run
-        self._table_iterations: set[int] | None = None  # iterations already in PER_CLASS_TABLE
-
-    @property
-    def run_id(self) -> str:
-        if self._run_id is None:
-            self._run_id = retrying(child_run, self.ref, self.trial_number, self.config, self.params)
-        return self._run_id
-
-    def _call(self, method: str, *args: object, **kwargs: object) -> object:
-        return retrying(getattr(self.client, method), *args, **kwargs)
-
-    def _guarded(self, iteration: int, action: Callable[[], None]) -> None:
-        """Run `action`; a tracking error that outlasted its retries becomes a one-line warning."""
-        try:
-            action()
-        except RETRYABLE as error:
-            log.warning("MLflow logging failed after %d attempts at iteration %d: %s; training continues",
-                        RETRY_ATTEMPTS, iteration, f"{type(error).__name__}: {error}".splitlines()[0])
-
-    def on_start(self, config: object, start_iteration: int) -> None:
-        def start() -> None:
-            self._call("update_run", self.run_id, status="RUNNING")
-            retrying(set_state, self.client, self.run_id, "running")
-            self._call("log_batch", self.run_id, metrics=_metrics({START_ITERATION: start_iteration}, start_iteration))
-        self._guarded(start_iteration, start)
-
-    def on_log(self, iteration: int, values: dict[str, float]) -> None:
-        self._guarded(iteration, lambda: self._call("log_batch", self.run_id, metrics=_metrics(values, iteration)))
-
-    def _logged_steps(self) -> set[int]:
-        """Steps of `val/miou` the run already holds (read once: a resumed trial validates some again)."""
-        if self._metric_steps is None:
-            history = self._call("get_metric_history", self.run_id, VAL_MIOU)
-            self._metric_steps = {m.step for m in history}
-        return self._metric_steps
-
-    def _tabled_iterations(self) -> set[int]:
-        """Iterations PER_CLASS_TABLE already holds (read once)."""
-        if self._table_iterations is None:
-            folder, name = os.path.split(PER_CLASS_TABLE)
-            names = {Path(a.path).name for a in self._call("list_artifacts", self.run_id, folder)}
-            table = retrying(read_table, self.client, self.run_id, PER_CLASS_TABLE) if name in names else None
-            self._table_iterations = set() if table is None else {int(i) for i in table["iteration"]}
-        return self._table_iterations
-
-    def on_validation(self, result: ValidationResult, checkpoint: Path, is_best: bool) -> None:
-        def validate() -> None:
-            if result.iteration not in self._logged_steps():
-                metrics = result.metrics() | ({BEST_MIOU: result.miou} if is_best else {})
-                self._call("log_batch", self.run_id, metrics=_metrics(metrics, result.iteration))
-                self._metric_steps.add(result.iteration)
-            if result.iteration not in self._tabled_iterations():
-                table = result.per_class.assign(iteration=result.iteration)[["iteration", "class", "iou"]]
-                self._call("log_table", self.run_id, table, PER_CLASS_TABLE)
-                self._table_iterations.add(result.iteration)
-            for path in result.figures.values():  # same name again: replaced, not duplicated
-                self._call("log_artifact", self.run_id, str(path), FIGURES_DIR)
-        self._guarded(result.iteration, validate)
-
-    def on_end(self, result: TrainResult) -> None:
-        def end() -> None:
-            if result.best_checkpoint is not None and Path(result.best_checkpoint).is_file():
-                self._call("log_artifact", self.run_id, str(result.best_checkpoint), CHECKPOINT_DIR)
-            retrying(set_state, self.client, self.run_id, "pruned" if result.stopped_early else "completed")
-        self._guarded(result.iterations_done, end)
-
-    def mark_failed(self, error: BaseException) -> None:
-        """Called by the trainable when training raised."""
-        self._guarded(-1, lambda: retrying(set_state, self.client, self.run_id, "failed",
-                                           f"{type(error).__name__}: {error}"))
+# Moved out by side and re-exported for `from affseg.sweep.tracking import ...`; looked up on first use,
+# since those modules import this one.
+_MOVED = {
+    "MlflowCallback": "affseg.sweep.trial_logging",
+    "TrialRecord": "affseg.sweep.sweep_results", "child_runs": "affseg.sweep.sweep_results",
+    "finish_parent": "affseg.sweep.sweep_results", "sync_states": "affseg.sweep.sweep_results",
+}
 
 
-# ---------------------------------------------------------------- the parent's summary
-
-
-@dataclass
-class TrialRecord:
-    """One trial as the sweep summary sees it (Optuna's outcome, MLflow's run)."""
-
-    number: int
-    state: str  # completed | pruned | failed | running
-    value: float | None  # the objective (best sweep metric) when completed, last value when pruned
-    params: dict
-    run_id: str | None
-    pseudo: dict[str, float] = field(default_factory=dict)  # pseudo-label mIoU (cam, cam_par, refined) at its best
-
-
-def child_runs(client: MlflowClient, experiment_id: str, sweep: str) -> dict[int, object]:
-    """Optuna trial number → child run (the first one when, against the rules, there are several)."""
-    runs: dict[int, object] = {}
-    for run in _find(client, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: "trial"}):
-        runs.setdefault(int(run.data.tags[TRIAL_TAG]), run)
-    return runs
-
-
-def sync_states(client: MlflowClient, records: list[TrialRecord]) -> None:
-    """Make every child run's state tag and name agree with Optuna's outcome (covers trials whose worker died)."""
-    for record in records:
-        if record.run_id is None or record.state == "running":
-            continue
-        client.update_run(record.run_id, name=run_label(record.number, record.state, record.params))
-        run = client.get_run(record.run_id)
-        if run.data.tags.get(STATE_TAG) != record.state or run.info.status == "RUNNING":
-            set_state(client, record.run_id, record.state)
-
-
-def finish_parent(client: MlflowClient, ref: TrackingRef, records: list[TrialRecord], metric: str,
-                  best: TrialRecord | None, state: str = "completed") -> None:
-    """Log the trials table, the curves figure and the best trial onto the parent run, and close it with
-    `state` (completed, or interrupted when the budget is not spent)."""
-    rows = [{"trial": r.number, "state": r.state, "objective": r.value, **r.pseudo, "run_id": r.run_id or "",
-             **{k: str(v) for k, v in r.params.items()}} for r in records]
-    if rows:
-        replace_table(client, ref.parent_run_id, pd.DataFrame(rows), TRIALS_TABLE)
-    curves = {r.number: client.get_metric_history(r.run_id, metric) for r in records if r.run_id}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CURVES_FIGURE
-        plot_curves({n: [(m.step, m.value) for m in h] for n, h in curves.items()},
-                    {r.number: r.state for r in records}, metric, path)
-        client.log_artifact(ref.parent_run_id, str(path))
-    if best is not None:
-        tags = [RunTag(f"{BEST_PREFIX}{k}", str(v)) for k, v in best.params.items()]
-        tags += [RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.run_id or "")]
-        client.log_batch(ref.parent_run_id, metrics=_metrics({f"best/{metric}": best.value}, 0), tags=tags)
-    set_state(client, ref.parent_run_id, state)
-
-
-def log_savings(client: MlflowClient, parent_run_id: str, savings) -> None:
-    """The `savings/*` metrics and the savings table (`affseg.sweep.savings`) on the parent run."""
-    retrying(client.log_batch, parent_run_id, metrics=_metrics(savings.metrics(), 0))
-    replace_table(client, parent_run_id, savings.table(), SAVINGS_TABLE)
-
-
-STATE_COLOURS = {"completed": "tab:blue", "pruned": "tab:orange", "failed": "tab:red", "running": "tab:gray"}
-
-
-def plot_curves(curves: dict[int, list[tuple[int, float]]], states: dict[int, str], metric: str, path: Path) -> None:
-    """One line per trial: `metric` against training iteration, coloured by final state."""
-    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for number, points in sorted(curves.items()):
-        if not points:
-            continue
-        steps, values = zip(*sorted(points))
-        ax.plot(steps, values, marker="o", markersize=3, color=STATE_COLOURS[states.get(number, "running")], alpha=0.8)
-        ax.annotate(str(number), (steps[-1], values[-1]), fontsize=7)
-    for state, colour in STATE_COLOURS.items():
-        ax.plot([], [], color=colour, label=state)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(metric)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

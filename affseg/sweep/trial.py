@@ -22,8 +22,9 @@ from affseg.config import Config
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT
 from affseg.sweep.analysis import IOU_PREFIX, PSEUDO_PREFIX
 from affseg.sweep.pruning import OBJECTIVE_KEY, PRUNED_KEY, StudyRef, TrialLink
-from affseg.sweep.space import SweepSpec
-from affseg.sweep.tracking import MlflowCallback, TrackingRef
+from affseg.sweep.spec import SweepSpec
+from affseg.sweep.tracking import TrackingRef
+from affseg.sweep.trial_logging import MlflowCallback
 
 TRAIN_DIR = "train"  # train.out_dir inside the trial's node-local working folder (removed when it ends)
 STAGE_DIR = "tune_checkpoint"  # inside train.out_dir: what each report hands to Ray as its checkpoint
@@ -39,6 +40,7 @@ class TrialContext:
     study: StudyRef
     tracking: TrackingRef
     train_fn: Callable | None = None  # None: affseg.train.train; tests pass a synthetic loop
+    fused_train_fn: Callable | None = None  # a fused group's loop; None: affseg.train.train_fused
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -29,11 +29,13 @@ from affseg.sweep.report import (
     ProgressPrinter, SweepSummary, best_per_class, best_record, log_analysis, measure_savings, trial_dirname,
     trial_records,
 )
-from affseg.sweep.space import PROFILES_DIR, SweepSpec, load_space
+from affseg.sweep.space import PROFILES_DIR, load_space
+from affseg.sweep.spec import SweepSpec
+from affseg.sweep.sweep_results import child_runs, finish_parent, log_savings, sync_states
 from affseg.sweep.tracking import (
-    TrackingRef, absolute_uri, child_runs, finish_parent, log_savings, open_experiment, parent_run, retrying,
-    sweep_exists, sync_states, tracking_uri,
+    TrackingRef, open_experiment, parent_run, retrying, sweep_exists, tracking_uri,
 )
+from affseg.sweep.uris import absolute_uri
 from affseg.sweep.trial import TrialContext, run_trial
 
 SWEEP_ROOT = "runs/sweeps"  # Ray Tune experiments, one folder per sweep (relative to the working dir)
@@ -172,11 +174,13 @@ def ray_trials(spec: SweepSpec) -> int:
 
 
 def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides: Iterable[str] = (),
-              name: str | None = None, train_fn: Callable | None = None) -> SweepSummary:
+              name: str | None = None, train_fn: Callable | None = None,
+              fused_train_fn: Callable | None = None) -> SweepSummary:
     """Run (or with `resume`, continue) the sweep of `sweeps/<space>.yaml` under `sweeps/profiles/<profile>.yaml`.
 
     `overrides` are `key=value` strings: config keys (`train.iterations=60`) or sweep settings (`trials=4`,
-    `pruner.n_startup_trials=1`). `train_fn` replaces `affseg.train.train` (same signature and callbacks).
+    `pruner.n_startup_trials=1`). `train_fn` replaces `affseg.train.train` (same signature and callbacks),
+    `fused_train_fn` replaces `affseg.train.train_fused` for fused groups (a list of `Member`s).
     """
     overrides = list(overrides)
     spec = _absolute_paths(load_space(space, profile, overrides))
@@ -206,7 +210,7 @@ def run_sweep(space: str, profile: str = "demo", resume: bool = False, overrides
     tracking = TrackingRef(tracking_uri(base.tracking), experiment_id, sweep, parent)
     study_ref = StudyRef(base.tracking.optuna_storage, sweep, spec.pruner)
     create_study(spec, study_ref)  # before any trial opens it
-    context = TrialContext(spec, study_ref, tracking, train_fn)
+    context = TrialContext(spec, study_ref, tracking, train_fn, fused_train_fn)
 
     for key, value in RAY_DRIVER_ENV.items():
         os.environ.setdefault(key, value)
