@@ -42,7 +42,7 @@ from affseg.cam import compute_cams
 from affseg.config import load_config
 from affseg.data.classes import NUM_FOREGROUND
 from affseg.engine.head import Head
-from affseg.engine.runtime import Runtime
+from affseg.engine.runtime import RngStream, Runtime
 from affseg.losses import method_losses
 from affseg.method import Teacher, build_pseudo_labeler, build_student, build_teacher
 from affseg.refine.affinity import encoder_affinities
@@ -107,7 +107,8 @@ def measure(name: str, device: torch.device, batch: int, size: int, repeats: int
     runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" else None)  # CPU: fp32
     teacher = build_teacher(config, device)
     out_dir = Path(tempfile.gettempdir())  # never written: no hook runs, no checkpoint is saved
-    head = Head(config, build_student(config, teacher), build_pseudo_labeler(config), runtime, [], out_dir)
+    head = Head(config, build_student(config, teacher), build_pseudo_labeler(config), runtime, [], out_dir,
+                RngStream.capture())
     iteration = config.train.iterations  # past refine_start: A_f takes part
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
