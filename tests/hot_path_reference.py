@@ -2,14 +2,13 @@
 the "old" side of `benchmarks/hot_path.py` (one copy, imported by both).
 
 - `reference_cams`: Grad-CAM with one `autograd.grad` per present-class slot (now one batched backward);
-- `reference_par`: PAR as 48 `addcmul_` per iteration and a neighbour-by-neighbour kernel;
+- `reference_par`: PAR as 48 `addcmul_` per iteration and a neighbour-by-neighbour kernel (still the current
+  code: PAR is not replaced yet);
 - `reference_window_attention`: Swin window attention as explicit softmax(QKᵀ·scale + bias + mask)·V;
 - `reference_encoder_affinities`: one matmul per block.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from affseg.backbones.swin import WindowLayout, _partition, _unpartition
 from affseg.cam import _slot_masks, cam_from_gradients, minmax_normalise
-from affseg.refine.par import STD_EPS, neighbour_offsets
+from affseg.refine.par import _propagate, par_kernel
 
 
 def reference_cams(teacher, images: Tensor, labels: Tensor, method: str) -> Tensor:
@@ -39,46 +38,12 @@ def reference_cams(teacher, images: Tensor, labels: Tensor, method: str) -> Tens
     return minmax_normalise(cams)
 
 
-def _shifted(padded: Tensor, offset: tuple[int, int], pad: int, size: tuple[int, int]) -> Tensor:
-    dy, dx = offset
-    return padded[..., pad + dy : pad + dy + size[0], pad + dx : pad + dx + size[1]]
-
-
-def reference_par_kernel(images: Tensor, dilations: list[int], w1: float, w2: float) -> Tensor:
-    """κ neighbour by neighbour (~300 kernel launches). images: (B, 3, H, W) → (B, P, H, W)."""
-    offsets = neighbour_offsets(dilations)
-    pad = max(dilations)
-    size = images.shape[-2:]
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    neighbours = [_shifted(padded, offset, pad, size) for offset in offsets]
-    mean = sum(neighbours) / len(neighbours)
-    var = sum((n - mean).pow(2) for n in neighbours) / (len(neighbours) - 1)
-    scale = (var.sqrt() + STD_EPS) * w1
-    colour = torch.stack([-((images - n).abs() / scale).pow(2).mean(dim=1) for n in neighbours], dim=1)
-    lengths = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=images.dtype, device=images.device)
-    position = -(lengths / ((lengths.std() + STD_EPS) * w1)).pow(2)
-    return colour.softmax(dim=1) + w2 * position.softmax(dim=0).view(1, -1, 1, 1)
-
-
-def reference_propagate(kernel: Tensor, maps: Tensor, dilations: list[int], iterations: int) -> Tensor:
-    """`iterations` × (pad + one `addcmul_` per neighbour). kernel: (B, P, H, W); maps: (B, K, H, W)."""
-    offsets = neighbour_offsets(dilations)
-    pad = max(dilations)
-    size = maps.shape[-2:]
-    for _ in range(iterations):
-        padded = F.pad(maps, (pad, pad, pad, pad), mode="replicate")
-        out = torch.zeros_like(maps)
-        for index, offset in enumerate(offsets):
-            out.addcmul_(kernel[:, index : index + 1], _shifted(padded, offset, pad, size))
-        maps = out
-    return maps
-
-
 @torch.no_grad()
 def reference_par(images: Tensor, maps: Tensor, dilations: list[int], iterations: int, w1: float,
                   w2: float) -> Tensor:
-    """PAR at full resolution, the old way (the kernel included)."""
-    return reference_propagate(reference_par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
+    """PAR at full resolution, the kernel included. PAR is not replaced yet, so its reference is the loop in
+    `affseg.refine.par` itself; a replacement moves that loop here."""
+    return _propagate(par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
 
 
 def reference_window_attention(block, x: Tensor, layout: WindowLayout) -> Tensor:
