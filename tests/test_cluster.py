@@ -3,13 +3,11 @@ restarts on another node from its last checkpoint. `ray.cluster_utils.Cluster` r
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from sweep_helpers import read_events, sweep_losing_a_node
 
 SPACE = """
 parameters:
@@ -24,15 +22,9 @@ OVERRIDES = ("data.demo=false", "data.root=.", "train.iterations=40", "train.val
 NODE_LOSS_TIMEOUT_S = 300
 
 
-def _events(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 @pytest.mark.slow
 def test_sweep_on_gpu_cluster_survives_a_lost_node(tmp_path, monkeypatch):
-    import ray
     from mlflow.tracking import MlflowClient
-    from ray.cluster_utils import Cluster
     from ray.tune import ExperimentAnalysis
 
     from test_pruning import EVENTS_ENV, SLEEP_ENV, synthetic_train
@@ -47,45 +39,13 @@ def test_sweep_on_gpu_cluster_survives_a_lost_node(tmp_path, monkeypatch):
     monkeypatch.setenv(SLEEP_ENV, "1.5")
     (tmp_path / "space.yaml").write_text(SPACE)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    workers = {node.node_id: node for node in (cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2))}
-    cluster.wait_for_nodes()
-    lost: dict = {}
+    def first_validation_on_a_worker(seen: list[dict], workers: dict) -> dict | None:
+        """After a trial's first checkpoint: its node."""
+        return next((e for e in seen if e["kind"] == "validation" and e["node"] in workers), None)
 
-    def lose_a_node() -> None:
-        """After a trial's first checkpoint, kill its node (no grace) and add a fresh GPU node."""
-        deadline = time.monotonic() + NODE_LOSS_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for event in _events(events):
-                if event["kind"] == "validation" and event["node"] in workers:
-                    lost.update(event)
-                    cluster.remove_node(workers[event["node"]], allow_graceful=False)
-                    cluster.add_node(num_cpus=1, num_gpus=1)
-                    return
-            time.sleep(0.2)
-
-    outcome: dict = {}
-
-    def sweep() -> None:  # in a thread: Ray's node start/stop needs the main thread
-        try:
-            outcome["summary"] = run_sweep(str(tmp_path / "space.yaml"), "demo", overrides=OVERRIDES,
-                                           train_fn=synthetic_train)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
-            outcome["error"] = err
-
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        assert ray.cluster_resources()["GPU"] == 2
-        runner = threading.Thread(target=sweep)
-        runner.start()
-        lose_a_node()
-        runner.join(timeout=NODE_LOSS_TIMEOUT_S)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome["summary"]
+    summary, lost = sweep_losing_a_node(
+        lambda: run_sweep(str(tmp_path / "space.yaml"), "demo", overrides=OVERRIDES, train_fn=synthetic_train),
+        events, first_validation_on_a_worker, NODE_LOSS_TIMEOUT_S)
 
     assert lost, "no trial reached a checkpoint on a worker node"
     study = optuna.load_study(study_name=summary.name, storage=f"sqlite:///{tmp_path}/mlflow/optuna.db")
@@ -95,13 +55,13 @@ def test_sweep_on_gpu_cluster_survives_a_lost_node(tmp_path, monkeypatch):
     assert max(t.num_failures for t in ray_trials) == 1
 
     trial_of = lambda event: Path(event["out"]).parent.name  # noqa: E731 - trial folder; its parent is node-local
-    starts = [e for e in _events(events) if e["kind"] == "start" and trial_of(e) == trial_of(lost)]
-    assert len(starts) == 2, _events(events)
+    starts = [e for e in read_events(events) if e["kind"] == "start" and trial_of(e) == trial_of(lost)]
+    assert len(starts) == 2, read_events(events)
     assert [e["iteration"] for e in starts][0] == 0
     restart = starts[-1]
     assert restart["iteration"] >= lost["iteration"] > 0  # resumed from its checkpoint, not from scratch
     assert restart["node"] != lost["node"]
-    first_starts = [e for e in _events(events) if e["kind"] == "start" and e["iteration"] == 0]
+    first_starts = [e for e in read_events(events) if e["kind"] == "start" and e["iteration"] == 0]
     assert len({e["node"] for e in first_starts}) == 2  # the two trials ran side by side, one GPU node each
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")

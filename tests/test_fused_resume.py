@@ -15,12 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+from sweep_helpers import read_events, sweep_losing_a_node
 
 TESTS = Path(__file__).resolve().parent
 FUSED_SPACE = """
@@ -51,10 +51,6 @@ from affseg.sweep.tuner import run_sweep
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 run_sweep({space!r}, "demo", overrides={overrides!r}, fused_train_fn=synthetic_train_fused)
 """
-
-
-def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _member(event: dict) -> int:
@@ -153,7 +149,7 @@ def test_killed_driver_resumes_every_fused_member(tmp_path, monkeypatch):
         log.close()
     before = _finished(storage)
     assert before == {1: "PRUNED"}, before  # member 1 left group 0 at its first validation, member 0 trains on
-    killed_at = max(e["iteration"] for e in _events(events) if _member(e) == 0)
+    killed_at = max(e["iteration"] for e in read_events(events) if _member(e) == 0)
     assert 20 <= killed_at < 60
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -168,7 +164,7 @@ def test_killed_driver_resumes_every_fused_member(tmp_path, monkeypatch):
     assert states[0] == "COMPLETE"
     for number in before:  # never started again
         assert _start_iterations(client, by_trial[number]) == [0.0], number
-        assert len([e for e in _events(events) if e["kind"] == "start" and _member(e) == number]) == 1
+        assert len([e for e in read_events(events) if e["kind"] == "start" and _member(e) == number]) == 1
     first, resumed = _start_iterations(client, by_trial[0])
     assert first == 0 and 10 <= resumed <= killed_at  # from the group's last saved checkpoint, not from scratch
     steps = [m.step for m in client.get_metric_history(by_trial[0].info.run_id, "val/miou")]
@@ -180,8 +176,6 @@ def test_killed_driver_resumes_every_fused_member(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_lost_worker_restarts_the_group_with_its_live_members(tmp_path, monkeypatch):
-    import ray
-    from ray.cluster_utils import Cluster
     from ray.tune import ExperimentAnalysis
 
     from test_pruning import EVENTS_ENV, SLEEP_ENV, synthetic_train_fused
@@ -196,58 +190,28 @@ def test_lost_worker_restarts_the_group_with_its_live_members(tmp_path, monkeypa
     monkeypatch.setenv(SLEEP_ENV, "1.5")
     (tmp_path / "fused.yaml").write_text(FUSED_SPACE)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    workers = {node.node_id: node for node in (cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2))}
-    cluster.wait_for_nodes()
-    lost: dict = {}
+    def validated_after_a_member_left(seen: list[dict], workers: dict) -> dict | None:
+        """A group on a worker node that has validated again after one of its members left."""
+        for event in seen:
+            if event["kind"] != "validation" or event["stopped"] or event["node"] not in workers:
+                continue
+            left = [e for e in seen if e.get("stopped") and _group_dir(e) == _group_dir(event)]
+            if left and event["iteration"] > min(e["iteration"] for e in left):
+                return {**event, "left": {_member(e) for e in left}}
+        return None
 
-    def lose_a_node() -> None:
-        """Once a group on a worker node has validated after one of its members left, kill that node (no grace)
-        and add a fresh GPU node."""
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            seen = _events(events)
-            for event in seen:
-                if event["kind"] != "validation" or event["stopped"] or event["node"] not in workers:
-                    continue
-                left = [e for e in seen if e.get("stopped") and _group_dir(e) == _group_dir(event)]
-                if left and event["iteration"] > min(e["iteration"] for e in left):
-                    lost.update(event, left={_member(e) for e in left})
-                    cluster.remove_node(workers[event["node"]], allow_graceful=False)
-                    cluster.add_node(num_cpus=1, num_gpus=1)
-                    return
-            time.sleep(0.2)
-
-    outcome: dict = {}
-
-    def sweep() -> None:  # in a thread: Ray's node start/stop needs the main thread
-        try:
-            outcome["summary"] = run_sweep(str(tmp_path / "fused.yaml"), "demo", overrides=CLUSTER_OVERRIDES,
-                                           fused_train_fn=synthetic_train_fused)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
-            outcome["error"] = err
-
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        assert ray.cluster_resources()["GPU"] == 2
-        runner = threading.Thread(target=sweep)
-        runner.start()
-        lose_a_node()
-        runner.join(timeout=TIMEOUT_S)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
-    summary = outcome["summary"]
-    assert lost, f"no group reached a validation after a member left: {_events(events)}"
+    summary, lost = sweep_losing_a_node(
+        lambda: run_sweep(str(tmp_path / "fused.yaml"), "demo", overrides=CLUSTER_OVERRIDES,
+                          fused_train_fn=synthetic_train_fused),
+        events, validated_after_a_member_left, TIMEOUT_S)
+    assert lost, f"no group reached a validation after a member left: {read_events(events)}"
 
     states, groups, by_trial, client = _outcome(tmp_path, summary)
     assert sorted(map(sorted, groups.values())) == [[0, 1], [2, 3]]
     ray_trials = ExperimentAnalysis(str(summary.path)).trials
     assert {t.status for t in ray_trials} == {"TERMINATED"}
     assert sorted(t.num_failures for t in ray_trials) == [0, 1]
-    all_events = _events(events)
+    all_events = read_events(events)
     killed = [m for m in (0, 1, 2, 3) if any(_member(e) == m and _group_dir(e) == _group_dir(lost)
                                             for e in all_events)]
     live = [m for m in killed if m not in lost["left"]]
