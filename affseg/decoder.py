@@ -13,6 +13,13 @@ from affseg.data.classes import NUM_CLASSES
 from affseg.grid import grid_to_pixels
 
 
+def dropout_noise(like: Tensor, p: float) -> Tensor:
+    """The scaled keep-mask that CPU `F.dropout` multiplies by: Bernoulli(1 − p) / (1 − p), shaped and typed as
+    `like`. Drawn explicitly on every device, so that a group's batched decoders (`affseg.engine.batched`) can
+    draw each member's mask outside `vmap`, from that member's RNG, exactly as the member alone does."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
 class BlockMLP(nn.Module):
     """F_new = W1 ReLU(W2 F) on every token (eq. 3.6), as 1×1 convolutions. (B, C, h, w) → (B, D, h, w)."""
 
@@ -43,7 +50,7 @@ class SegDecoder(nn.Module):
             raise ValueError("SegDecoder needs at least one input block")
         self.mlps = nn.ModuleList(BlockMLP(in_dim, mlp_dim) for in_dim in in_dims)
         self.fuse = nn.Conv2d(len(in_dims) * mlp_dim, dim, kernel_size=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 d_model=dim,
@@ -65,18 +72,26 @@ class SegDecoder(nn.Module):
 
         Returns (logits (B, num_classes, *out_size), fused F_u (B, d, h, w)).
         """
+        fused = self.fuse_blocks(blocks)
+        if self.training and self.dropout > 0:
+            fused = fused * dropout_noise(fused, self.dropout)
+        return self.predict(fused, out_size), fused
+
+    def fuse_blocks(self, blocks: list[Tensor]) -> Tensor:
+        """F_u before dropout: (B, d, h, w) from the blocks of `forward`."""
         if len(blocks) != len(self.mlps):
             raise ValueError(f"SegDecoder built for {len(self.mlps)} blocks, got {len(blocks)}")
         grid = blocks[0].shape[-2:]
         if any(block.shape[-2:] != grid for block in blocks):
             raise ValueError(f"SegDecoder blocks must share one grid, got {[tuple(b.shape[-2:]) for b in blocks]}")
         projected = [mlp(block) for mlp, block in zip(self.mlps, blocks)]
-        fused = self.dropout(self.fuse(torch.cat(projected, dim=1)))  # F_u (B, d, h, w)
+        return self.fuse(torch.cat(projected, dim=1))
 
+    def predict(self, fused: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Class logits (B, num_classes, *out_size) from F_u (B, d, h, w)."""
         batch, dim, height, width = fused.shape
         tokens = fused.flatten(2).transpose(1, 2)  # (B, h·w, d)
         for layer in self.layers:
             tokens = layer(tokens)
         tokens = self.norm(tokens).transpose(1, 2).reshape(batch, dim, height, width)
-        logits = grid_to_pixels(self.head(tokens), out_size)  # SPEC §5.1: padded extent, then crop
-        return logits, fused
+        return grid_to_pixels(self.head(tokens), out_size)  # SPEC §5.1: padded extent, then crop

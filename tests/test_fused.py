@@ -43,7 +43,9 @@ def _same(actual: _Recorder, expected: _Recorder) -> None:
             assert math.isclose(got[key], value, abs_tol=TOLERANCE), (want["iteration"], key)
 
 
-def test_each_member_of_a_group_trains_as_it_would_alone(small_demo, tmp_path):
+@pytest.mark.parametrize("batch_heads", ["never", "always"])
+def test_each_member_of_a_group_trains_as_it_would_alone(small_demo, tmp_path, batch_heads):
+    """With `always`, the decoders run as one vmap-ed call (affseg.engine.batched) and still match the runs alone."""
     alone = []
     for index, overrides in enumerate(MEMBERS):
         recorder = _Recorder()
@@ -51,8 +53,8 @@ def test_each_member_of_a_group_trains_as_it_would_alone(small_demo, tmp_path):
         alone.append(recorder)
     fused = [_Recorder() for _ in MEMBERS]
     stopper = [[], [StopAtFirstValidation()], []]  # member 1 is pruned at its first validation and leaves
-    results = train_fused([Member(_config(small_demo, tmp_path / f"fused{i}", o), [fused[i], *stopper[i]])
-                           for i, o in enumerate(MEMBERS)])
+    results = train_fused([Member(_config(small_demo, tmp_path / f"fused{i}", (*o, f"train.batch_heads={batch_heads}")),
+                                  [fused[i], *stopper[i]]) for i, o in enumerate(MEMBERS)])
     _same(fused[0], alone[0])
     _same(fused[2], alone[2])
     assert results[1].stopped_early and [v["iteration"] for v in fused[1].validations] == [2]

@@ -69,6 +69,8 @@ def _stages(key: str, stages: list[int]) -> Problems:
 def _model(config: ModelConfig) -> Problems:
     yield from _stages("decoder_stages", config.decoder_stages)
     yield from _stages("affinity_stages", config.affinity_stages)
+    if not 0.0 <= config.decoder_dropout < 1.0:
+        yield "decoder_dropout", f"{config.decoder_dropout} must lie in [0, 1)"
 
 
 def _optim(config: OptimConfig) -> Problems:

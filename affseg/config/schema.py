@@ -130,6 +130,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto = bf16 on CUDA if supported, else fp16; off on CPU
     supervision: Literal["pseudo", "full"] = "pseudo"  # full: ground-truth masks, the fully supervised bound
+    # A fused group's decoders as one vmap-ed call (SPEC §5.4). auto: on CUDA only; on CPU it measured
+    # 1.3-3.4x slower (benchmarks/fused_trials.py), vmap having no CPU attention rule.
+    batch_heads: Literal["auto", "always", "never"] = "auto"
     max_nonfinite: int = 10  # skipped steps (NaN/inf loss, or a rolled-back non-finite update) before training stops
     out_dir: str = "runs/train"
 

@@ -19,7 +19,7 @@ from affseg.engine.checkpoint import CHECKPOINT_FORMAT, TrainingError, nonfinite
 from affseg.engine.runtime import RngStream, Runtime
 from affseg.engine.schedule import build_optimiser, build_scheduler
 from affseg.losses import method_losses
-from affseg.method import PseudoLabeler, Student, TeacherOutput
+from affseg.method import PseudoLabeler, Student, StudentOutput, TeacherOutput
 
 # Keys a resumed run must share with its checkpoint: they fix the lr schedule and the sample order.
 SCHEDULE_KEYS = ("iterations", "accumulation", "batch_size", "seed")
@@ -69,18 +69,27 @@ class Head:
         masks (B, H, W): the ground truth, the target under `train.supervision=full`."""
         if self._failed:
             return
-        accumulation = self.config.train.accumulation
         with self.rng.active(), self.runtime.autocast():
             output = self.student(teacher.features, teacher.images.shape[-2:])
+        scaled = self.scaled_loss(teacher, output, masks, iteration)
+        if scaled is not None:
+            scaled.backward()
+
+    def scaled_loss(self, teacher: TeacherOutput, output: StudentOutput, masks: torch.Tensor,
+                    iteration: int) -> torch.Tensor | None:
+        """The loss of one micro-batch from this head's student `output`, scaled for accumulation and AMP
+        (what to backpropagate), its parts added to the step's totals; None, failing the step, when not finite."""
+        accumulation = self.config.train.accumulation
+        with self.rng.active(), self.runtime.autocast():
             target = self.labeler(teacher, output.aff_dec, iteration).pseudo if self.uses_pseudo_labels else masks
             losses = method_losses(output.logits, output.aff_dec, target, teacher.grid, self.config.loss)
         if not torch.isfinite(losses["loss"]):
             self.optimiser.zero_grad(set_to_none=True)
             self._failed = True
-            return
-        self.scaler.scale(losses["loss"] / accumulation).backward()
+            return None
         for key, value in losses.items():
             self._totals[key] = self._totals.get(key, 0.0) + value.item() / accumulation
+        return self.scaler.scale(losses["loss"] / accumulation)
 
     def finish_step(self) -> dict[str, float] | None:
         """Apply the accumulated gradient. None when a loss was not finite or the step made a weight,

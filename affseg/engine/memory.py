@@ -1,7 +1,8 @@
 """Memory guard for fused groups: estimate what each head adds and refuse, in one line, a K that does not fit.
 
 A head holds its student's weights, gradients, AdamW moments and the rollback snapshot (weights + moments):
-6 copies of the parameters. Its step adds the decoder's activations (kept for backward) and the refinement's
+6 copies of the parameters, 2 more when the group's decoders run batched (the stacked weights and their
+gradient, `train.batch_heads`). Its step adds the decoder's activations (kept for backward) and the refinement's
 working set on top of the shared teacher. The estimate counts, in float32 per micro-batch of B images of
 S×S crops, grid N = (S/16)²:
 - decoder: each transformer layer keeps ~`LAYER_ACTIVATIONS` tensors of (B, N, d); A_f (B, N, N) three times
@@ -28,17 +29,19 @@ AFFINITY_COPIES = 3  # A_f: product, sigmoid, gradient
 LOGIT_COPIES = 3  # logits, softmax, gradient
 REFINE_MAPS = 4  # (B, N, N): combined affinity, Sinkhorn iterates, transition
 PAR_COPIES = 3  # PAR: maps, padded maps, the running sum
+STACKED_COPIES = 2  # batched heads: the per-call stack of the weights and its gradient
 PRESENT_CLASSES = 3  # present classes per image budgeted for (VOC images rarely have more)
 GRID_STRIDE = 16
 
 
-def head_bytes(config: Config, parameters: int) -> int:
-    """Estimated bytes one head adds to a fused group (see the module docstring)."""
+def head_bytes(config: Config, parameters: int, batched: bool = False) -> int:
+    """Estimated bytes one head adds to a fused group (see the module docstring); `batched`: its decoder
+    runs stacked with the others'."""
     batch, size = config.train.batch_size, config.data.crop_size
     cells = (size // GRID_STRIDE) ** 2
     pixels = size * size
     dim, layers = config.model.decoder_dim, config.model.decoder_layers
-    floats = PARAMETER_COPIES * parameters
+    floats = (PARAMETER_COPIES + (STACKED_COPIES if batched else 0)) * parameters
     floats += batch * (LAYER_ACTIVATIONS * layers * cells * dim + AFFINITY_COPIES * cells * cells
                        + LOGIT_COPIES * NUM_CLASSES * pixels)
     floats += batch * (REFINE_MAPS * cells * cells + PAR_COPIES * (1 + PRESENT_CLASSES) * pixels)

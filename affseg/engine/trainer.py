@@ -18,6 +18,7 @@ from affseg.data.sampling import DrawDataset, ResumableBatches
 from affseg.data.transforms import TrainAugment
 from affseg.data.voc import VocSegmentation
 from affseg.engine.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainingError, load_checkpoint, writable_folder
+from affseg.engine.batched import StackedDecoders, batch_heads_enabled
 from affseg.engine.head import Head
 from affseg.engine.memory import fit_message, free_bytes, head_bytes
 from affseg.engine.hooks import DEFAULT_HOOKS
@@ -98,8 +99,10 @@ class Trainer:
             student = build_student(member.config, self.teacher)
             self.heads.append(Head(member.config, student, build_pseudo_labeler(member.config), self.runtime,
                                    member.callbacks, out_dir, RngStream.capture()))
+        batched = len(self.heads) > 1 and batch_heads_enabled(config.train.batch_heads, self.runtime.device)
         if len(self.heads) > 1:
-            self._check_memory()
+            self._check_memory(batched)
+        self.stacked = StackedDecoders(self.heads[0].student.decoder) if batched else None
         starts = {head.restore(load_checkpoint(m.resume_from)) for head, m in zip(self.heads, members)
                   if m.resume_from is not None}
         if len(starts) > 1 or (starts and any(m.resume_from is None for m in members)):
@@ -114,10 +117,10 @@ class Trainer:
         self.val_set = VocSegmentation(data.root, data.val_split, None, data.cls_labels, limit=data.val_limit)
         self.pseudo_set = VocSegmentation(data.root, data.train_split, None, data.cls_labels, limit=data.pseudo_subset)
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, batched: bool) -> None:
         """One-line TrainingError, with the largest K that fits, when the group's heads would not fit the device."""
         parameters = sum(p.numel() for p in self.heads[0].student.parameters())
-        per_head = head_bytes(self.config, parameters)
+        per_head = head_bytes(self.config, parameters, batched)
         problem = fit_message(len(self.heads), per_head, free_bytes(self.runtime.device), self.runtime.device)
         if problem:
             raise TrainingError(problem)
@@ -156,9 +159,22 @@ class Trainer:
             masks = batch["mask"].to(device, non_blocking=True)
             with self.runtime.autocast():
                 teacher = self.teacher(images, labels, valid)
-            for head in training:
-                head.micro_batch(teacher, masks, self.iteration)
+            if self.stacked is not None and len(training) > 1:
+                self._batched_micro_batch(training, teacher, masks)
+            else:
+                for head in training:
+                    head.micro_batch(teacher, masks, self.iteration)
         return {head: head.finish_step() for head in heads}
+
+    def _batched_micro_batch(self, heads: list[Head], teacher, masks: torch.Tensor) -> None:
+        """`Head.micro_batch` of every head with their decoders in one batched call, and one backward."""
+        with self.runtime.autocast():
+            outputs = self.stacked([h.student.decoder for h in heads], [h.rng for h in heads],
+                                   teacher.features, teacher.images.shape[-2:])
+        scaled = [head.scaled_loss(teacher, output, masks, self.iteration) for head, output in zip(heads, outputs)]
+        kept = [loss for loss in scaled if loss is not None]
+        if kept:
+            torch.stack(kept).sum().backward()
 
     def _count_nonfinite(self, head: Head) -> None:
         cfg = self.config.train
