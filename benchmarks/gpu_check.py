@@ -20,6 +20,7 @@ one row with its one-line error and the next section runs):
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -201,7 +202,7 @@ def train_step_section(work: Path, profile: Profile, device: torch.device, deadl
             plain.append(time.perf_counter() - start)
             clock = PhaseClock(device)
             with instrumented(trainer.teacher, [head.student for head in trainer.heads], clock):
-                timed(lambda: trainer._step(batches), clock)
+                timed(functools.partial(trainer._step, batches), clock)
             clocks.append(clock)
         step_s = statistics.median(plain)
         setting = f"{size}px b{profile.batch}x{profile.accumulation}"
