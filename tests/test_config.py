@@ -26,6 +26,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     assert load_config(path, ["refine.alpha=4"]).refine.alpha == 4
     # int given where float expected is accepted and converted
     assert isinstance(from_dict({"loss": {"lam": 1}}).loss.lam, float)
+    # YAML reads `off` as False: a choice named "off" still takes it; a boolean key stays boolean
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(None, ["data.demo=off"]).data.demo is False
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,9 @@ from affseg.config.checks import validate
 from affseg.config.schema import Config, ConfigError
 
 
+YAML_SWITCHES = {False: "off", True: "on"}  # the choice a YAML boolean stands for in a Literal that offers it
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -75,6 +78,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and YAML_SWITCHES[value] in allowed:  # YAML reads `off` / `on` as booleans
+            value = YAML_SWITCHES[value]
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value
