@@ -17,6 +17,7 @@ from torch import Tensor
 
 from affseg.backbones.base import autocast_off
 from affseg.config import ConfigError
+from affseg.slots import max_present, slot_masks
 
 CamMethod = Literal["gradcam", "gradcampp", "layercam"]
 
@@ -89,15 +90,6 @@ def minmax_normalise(cams: Tensor, eps: float = NORMALISE_EPS, cells: Tensor | N
     return (out if cells is None else out * inside).view_as(cams)
 
 
-def _slot_masks(labels: Tensor) -> Tensor:
-    """(B, K) {0, 1} → (S, B, K) bool; slot s marks each image's (s+1)-th present class."""
-    present = labels > 0
-    rank = present.long().cumsum(dim=1) - 1  # position of a present class among its image's present classes
-    slots = int(present.sum(dim=1).max().item()) if present.numel() else 0
-    order = torch.arange(slots, device=labels.device).view(-1, 1, 1)
-    return present.unsqueeze(0) & (rank.unsqueeze(0) == order)
-
-
 def _check_gradient_reached(moved: Tensor, present: Tensor, num_background: int, cam_block: int) -> None:
     """Raise when no image got any Grad-CAM gradient although some softmax had a rival class.
 
@@ -122,13 +114,19 @@ def compute_cams(
     cam_block: int,
     method: CamMethod = "gradcam",
     cells: Tensor | None = None,
+    slots: int | None = None,
+    check_gradient: bool = True,
 ) -> tuple[Tensor, Any]:
     """CAMs of every present class, batched over images, and the encoder features.
 
     images: (B, 3, H, W) normalised as the encoder expects; labels: (B, K_fg)
     float {0, 1}; cam_block: index into `features.blocks` of the target block
     (the caller maps the config's stride-16 index through `stage_blocks`); cells: (B, h, w)
-    bool, the image part of padded crops (`affseg.grid.grid_validity`), or None for all.
+    bool, the image part of padded crops (`affseg.grid.grid_validity`), or None for all; slots: the
+    largest present-class count of an image (`affseg.slots.max_present` of the CPU labels; None = read
+    from `labels`, a host sync on a GPU); check_gradient: whether to verify that the gradient reached
+    the block (a host sync; whether a block reaches the embedding does not depend on the batch, so the
+    teacher checks its first batch only).
 
     One forward pass with the target block as a grad leaf, then one batched backward
     over the present-class slots (`is_grads_batched`): slot s back-propagates the sum of
@@ -140,8 +138,8 @@ def compute_cams(
 
     Returns (cams (B, K_fg, h, w) detached — absent classes exactly 0, present
     ones min-max normalised to [0, 1] over `cells`, 0 elsewhere — and the `ImageFeatures` with every block
-    detached). Raises ConfigError when the whole batch's gradient at the target is
-    exactly 0 (a block that does not reach the embedding), never silent background.
+    detached). With `check_gradient`, raises ConfigError when the whole batch's gradient at the target
+    is exactly 0 (a block that does not reach the embedding), never silent background.
     """
     num_fg = labels.shape[1]
     if num_fg != classifier.num_foreground:
@@ -157,18 +155,19 @@ def compute_cams(
             fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
             probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
 
-        slots = _slot_masks(labels)  # (S, B, K_fg)
+        masks = slot_masks(labels, max_present(labels) if slots is None else slots)  # (S, B, K_fg)
         batch, _, height, width = acts.shape
         cams = acts.new_zeros(batch, num_fg, height, width, dtype=torch.float32)
-        if len(slots):
+        if len(masks):
             # one batched backward: slot s back-propagates the probabilities its mask selects
-            (grads,) = torch.autograd.grad(probs, acts, grad_outputs=slots.to(probs.dtype), is_grads_batched=True)
-            moved = grads.flatten(2).ne(0).any(dim=2).any(dim=0)  # (B,): the image got a non-zero gradient
+            (grads,) = torch.autograd.grad(probs, acts, grad_outputs=masks.to(probs.dtype), is_grads_batched=True)
             detached = acts.detach().float()
-            for mask, slot_grads in zip(slots, grads):
+            for mask, slot_grads in zip(masks, grads):
                 cam = cam_from_gradients(detached, slot_grads.float(), method)  # (B, h, w)
                 cams = cams + mask[:, :, None, None] * cam[:, None]
-            _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
+            if check_gradient:
+                moved = grads.flatten(2).ne(0).any(dim=2).any(dim=0)  # (B,): the image got a non-zero gradient
+                _check_gradient_reached(moved, present, logits.shape[1] - num_fg, cam_block)
 
     cams = minmax_normalise(cams, cells=cells)  # absent maps were never written: still exactly 0
     blocks = [block.detach() for block in features.blocks]

@@ -21,6 +21,7 @@ from affseg.figures import confusion_figure, overlay_figure
 from affseg.engine.runtime import Runtime
 from affseg.metrics import ConfusionMatrix
 from affseg.method import PseudoLabeler, Student, Teacher
+from affseg.slots import max_present
 
 PSEUDO_KINDS = ("cam", "cam_par", "refined")
 MAX_BATCH = 8
@@ -88,7 +89,7 @@ def validate_heads(teacher: Teacher, heads: Sequence[tuple[Student, PseudoLabele
     for batch in batches_by_size(pseudo_set):
         images, masks = batch["image"].to(device), batch["mask"].to(device)
         with runtime.autocast():
-            taught = teacher(images, batch["labels"].to(device))
+            taught = teacher(images, batch["labels"].to(device), slots=max_present(batch["labels"]))
             for score in scores:
                 with torch.no_grad():
                     output = score.student(taught.features, images.shape[-2:])

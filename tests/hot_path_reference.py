@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from affseg.backbones.swin import WindowLayout, _partition, _unpartition
-from affseg.cam import _slot_masks, cam_from_gradients, minmax_normalise
+from affseg.cam import cam_from_gradients, minmax_normalise
 from affseg.refine.par import _propagate, par_kernel
+from affseg.slots import max_present, slot_masks
 
 
 def reference_cams(teacher, images: Tensor, labels: Tensor, method: str) -> Tensor:
@@ -30,7 +31,7 @@ def reference_cams(teacher, images: Tensor, labels: Tensor, method: str) -> Tens
         absent = ~present & present.any(dim=1, keepdim=True)
         fg_logits = logits[:, :num_fg].masked_fill(absent, float("-inf"))
         probs = torch.cat([fg_logits, logits[:, num_fg:]], dim=1).softmax(dim=1)[:, :num_fg]
-        slots = _slot_masks(labels)
+        slots = slot_masks(labels, max_present(labels))
         cams = acts.new_zeros(acts.shape[0], num_fg, *acts.shape[-2:], dtype=torch.float32)
         for index, mask in enumerate(slots):
             (grads,) = torch.autograd.grad((probs * mask).sum(), acts, retain_graph=index < len(slots) - 1)
@@ -82,3 +83,28 @@ def reference_encoder_affinities(blocks: list[Tensor]) -> Tensor:
         tokens = F.normalize(block.flatten(2), dim=1)
         affinities.append(tokens.transpose(1, 2) @ tokens)
     return torch.stack(affinities, dim=1).clamp(min=0)
+
+
+def reference_component_labels(mask: Tensor) -> Tensor:
+    """8-connected components of (M, h, w) bool masks: 3×3 max propagation until nothing changes (one
+    host sync per round; the old `affseg.refine.random_walk._component_labels`). 0 outside the mask,
+    1 + the component's largest flat index inside."""
+    height, width = mask.shape[-2:]
+    ids = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float64)
+    keep = mask.unsqueeze(1).to(torch.float64)
+    labels = ids.view(1, 1, height, width) * keep
+    while True:
+        grown = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * keep
+        if torch.equal(grown, labels):
+            return labels.squeeze(1).long()
+        labels = grown
+
+
+def snake_mask(height: int, width: int) -> Tensor:
+    """(h, w) bool: one serpentine path through every other row, the longest 8-connected path a grid
+    holds, the worst case of max propagation."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[::2] = True
+    for row in range(1, height, 2):
+        mask[row, width - 1 if (row // 2) % 2 == 0 else 0] = True
+    return mask

@@ -167,9 +167,9 @@ def test_trainer_hands_each_crop_its_padding(small_demo, tmp_path, monkeypatch):
     seen = []
     forward = Teacher.forward
 
-    def spy(self, images, labels, valid=None):
+    def spy(self, images, labels, valid=None, slots=None):
         seen.append(valid)
-        return forward(self, images, labels, valid)
+        return forward(self, images, labels, valid, slots)
 
     monkeypatch.setattr(Teacher, "forward", spy)
     trainer = Trainer(config)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from hot_path_reference import reference_encoder_affinities, reference_window_attention
+from hot_path_reference import (reference_component_labels, reference_encoder_affinities, reference_window_attention,
+                                snake_mask)
 
 from affseg.backbones.swin import SwinImageEncoder, window_attention
 from affseg.refine.affinity import encoder_affinities
+from affseg.refine.random_walk import _component_labels, checked_box_masks
+
+WALK_MODULE = sys.modules[_component_labels.__module__]  # `affseg.refine.random_walk` is also a function's name
 
 ATTENTION_TOLERANCE = 1e-5  # issue 13: fp32; the fused kernel sums QKᵀ and the softmax in another order
 
@@ -44,3 +50,25 @@ def test_batched_encoder_affinities_equal_the_per_block_loop():
     torch.manual_seed(0)
     blocks = [torch.randn(2, 16, 5, 6), torch.randn(2, 16, 5, 6), torch.randn(2, 24, 5, 6)]  # mixed widths
     torch.testing.assert_close(encoder_affinities(blocks), reference_encoder_affinities(blocks), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (28, 28), (5, 9)])
+def test_fixed_budget_components_equal_propagation_until_stable(grid):
+    generator = torch.Generator().manual_seed(0)
+    random = torch.rand(64, *grid, generator=generator) > torch.rand(64, 1, 1, generator=generator)
+    snakes = torch.stack([snake_mask(*grid), snake_mask(*grid).flip(0), snake_mask(*grid).flip(1)])
+    masks = torch.cat([random, snakes, torch.zeros(1, *grid, dtype=torch.bool), torch.ones(1, *grid, dtype=torch.bool)])
+    labels, converged = _component_labels(masks)
+    assert bool(converged)
+    assert torch.equal(labels, reference_component_labels(masks))
+
+
+def test_unconverged_components_are_flagged_and_their_boxes_still_cover_the_cells(monkeypatch):
+    monkeypatch.setattr(WALK_MODULE, "component_rounds", lambda height, width: 2)
+    snake = snake_mask(14, 14)[None, None].float()
+    boxes, converged = checked_box_masks(snake, threshold=0.5)
+    assert not bool(converged)
+    assert bool(boxes[snake.bool()].all())
+    monkeypatch.undo()
+    exact, converged = checked_box_masks(snake, threshold=0.5)
+    assert bool(converged) and bool(exact[boxes].all())  # the parts' boxes lie inside the component's box

@@ -41,9 +41,9 @@ class LogHook(Hook):
             return
         elapsed = (time.perf_counter() - self.tick) / max(1, interval)
         for head, values in trainer.step_values.items():
-            if values is None:
+            if not head.last_step_ok:  # a skipped step has nothing to log (`Trainer.reads_host` read it)
                 continue
-            values = {**values, "lr": head.optimiser.param_groups[0]["lr"], "sec_per_iter": elapsed,
+            values = {**head.read_values(values), "lr": head.optimiser.param_groups[0]["lr"], "sec_per_iter": elapsed,
                       "nonfinite": float(head.nonfinite)}
             for callback in head.callbacks:
                 callback.on_log(trainer.iteration, values)

@@ -18,9 +18,12 @@ def lr_factor(iteration: int, total: int, cfg: OptimConfig) -> float:
     return poly
 
 
-def build_optimiser(parameters: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimiser(parameters: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; `capturable` keeps its step count on the parameters' device."""
     trainable = [p for p in parameters if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                             capturable=capturable)
 
 
 def build_scheduler(optimiser: torch.optim.Optimizer, cfg: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:

