@@ -8,10 +8,11 @@ Same inputs for old and new: batch 4, background + 3 classes per image, 224² an
 | grad_cam       | one `autograd.grad` per present-class slot    | one batched backward (`is_grads_batched`)   |
 | swin_attention | softmax(QKᵀ·scale + bias + mask)·V, written out | `F.scaled_dot_product_attention`, one additive mask |
 | affinities     | one matmul per block                          | one batched matmul over all blocks          |
+| components     | box masks' connected components of the present maps (boolean indexing), 3×3 max propagation until `torch.equal` says stable | every map, a fixed h + w rounds of propagation + one pointer jump, no host read |
 | par            | 48 `addcmul_` per iteration (6 dilations, 20 iterations, kernel included) | not replaced yet: the same code on both sides |
 
 Time: median of `--repeats` interleaved old/new runs after one warm-up. Launches: kernels counted by the
-torch profiler in one extra run (CUDA kernels on a GPU; on CPU the aten operators that do the work, i.e.
+torch profiler in one extra run (kernel launch calls on a GPU; on CPU the aten operators that do the work, i.e.
 those that call no other operator). Max abs diff: new against old on the same inputs.
 
     OMP_NUM_THREADS=1 python benchmarks/hot_path.py [--sizes 224 448] [--repeats 5] [--device auto|cpu|cuda]
@@ -32,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hot_path_reference import (  # noqa: E402  tests/hot_path_reference.py
     reference_cams,
+    reference_component_labels,
     reference_encoder_affinities,
     reference_par,
     reference_window_attention,
@@ -39,11 +41,13 @@ from hot_path_reference import (  # noqa: E402  tests/hot_path_reference.py
 
 from affseg.backbones.swin import SwinImageEncoder, window_attention  # noqa: E402
 from affseg.cam import compute_cams  # noqa: E402
-from affseg.config import ParConfig, load_config  # noqa: E402
+from affseg.config import ParConfig, RefineConfig, load_config  # noqa: E402
 from affseg.data.classes import NUM_FOREGROUND  # noqa: E402
 from affseg.method import build_teacher  # noqa: E402
 from affseg.refine.affinity import encoder_affinities  # noqa: E402
 from affseg.refine.par import par  # noqa: E402
+from affseg.refine.random_walk import _active_cells, _component_labels  # noqa: E402
+from stages import is_launch  # noqa: E402  (benchmarks/stages.py)
 
 BATCH = 4
 CLASSES = 3  # foreground classes per image (+ background)
@@ -63,10 +67,7 @@ def launches(fn: Callable[[], object], device: torch.device) -> int:
     with profile(activities=activities) as prof:
         fn()
         synchronize(device)
-    events = prof.events()
-    if device.type == "cuda":
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+    return sum(1 for event in prof.events() if is_launch(event, device))
 
 
 def compare(old: Callable[[], torch.Tensor], new: Callable[[], torch.Tensor], repeats: int,
@@ -84,6 +85,9 @@ def compare(old: Callable[[], torch.Tensor], new: Callable[[], torch.Tensor], re
     return {"old_ms": old_ms, "new_ms": new_ms, "ratio": old_ms / new_ms, "old_launches": launches(old, device),
             "new_launches": launches(new, device),
             "max_abs_diff": (outputs["new"].float() - outputs["old"].float()).abs().max().item()}
+
+
+BOX_THRESHOLD = RefineConfig().box_threshold
 
 
 def labels_with_classes(generator: torch.Generator) -> torch.Tensor:
@@ -117,11 +121,22 @@ def pieces(size: int, device: torch.device) -> dict[str, tuple[Callable, Callabl
 
     p = ParConfig()
     maps = torch.rand(BATCH, 1 + CLASSES, size, size, generator=generator).to(device)
+    cams = torch.nn.functional.avg_pool2d(torch.rand(BATCH, NUM_FOREGROUND, *grid, generator=generator), 3, 1, 1)
+    cams = (cams * labels.cpu()[:, :, None, None]).to(device)
+    active = _active_cells(cams.flatten(0, 1), BOX_THRESHOLD, "inclusive")  # (B·K, h, w)
+    present = labels.flatten() > 0
+
+    def old_components():  # the present maps only (boolean indexing), propagated until stable
+        out = torch.zeros(active.shape, dtype=torch.long, device=device)
+        out[present] = reference_component_labels(active[present])
+        return out
+
     return {
         "grad_cam": (lambda: reference_cams(teacher, images, labels, method), new_cams),
         "swin_attention": (lambda: _no_grad(reference_window_attention, block, tokens, layout),
                            lambda: _no_grad(window_attention, block, tokens, layout)),
         "affinities": (lambda: reference_encoder_affinities(blocks), lambda: encoder_affinities(blocks)),
+        "components": (old_components, lambda: _component_labels(active)[0]),
         "par": (lambda: reference_par(images, maps, p.dilations, p.iterations, p.w1, p.w2),
                 lambda: par(images, maps, p.dilations, p.iterations, p.w1, p.w2)),
     }

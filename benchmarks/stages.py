@@ -10,7 +10,7 @@ call resumes its caller's phase when it returns):
 | phase        | what runs                                                                   |
 |--------------|-----------------------------------------------------------------------------|
 | encoder      | `compute_cams` up to the end of the CAM block (the no-grad encoder part)    |
-| grad_cam     | the rest of `compute_cams`: forward from the CAM block, one backward per class slot |
+| grad_cam     | the rest of `compute_cams`: forward from the CAM block, one batched backward over the class slots |
 | refine       | encoder affinities and `PseudoLabeler` without PAR: Sinkhorn, random walk, boxes |
 | par_pseudo   | `pseudo_labels` (background, PAR, argmax)                                   |
 | decoder_loss | the student's decoder, `decoder_affinity`, `method_losses`                  |
@@ -44,7 +44,7 @@ MODULE_PHASES = {
     (teacher_module, "compute_cams"): "encoder",
     (teacher_module, "encoder_affinities"): "refine",
     (student_module, "decoder_affinity"): "decoder_loss",
-    (labeler_module, "refine_cams"): "refine",
+    (labeler_module, "checked_refine_cams"): "refine",
     (labeler_module, "pseudo_labels"): "par_pseudo",
     (head_module, "method_losses"): "decoder_loss",
 }
@@ -205,3 +205,29 @@ def cpu_phase_peaks(trace: Path, phases: tuple[str, ...]) -> dict[str, int]:
             peak = max(peak, level)
         peaks[name] = max(peaks[name], peak)
     return peaks
+
+
+KERNEL_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def is_launch(event, device: torch.device) -> bool:
+    """A profiler event that launches work: a CUDA kernel launch call on a GPU; on the CPU, an aten
+    operator that calls no other (the one that does the work)."""
+    if device.type == "cuda":
+        return event.name in KERNEL_LAUNCH_CALLS
+    return event.name.startswith("aten::") and not event.cpu_children
+
+
+def phase_launches(events, phases: Sequence[str], device: torch.device) -> dict[str, int]:
+    """Per phase name: the launches (`is_launch`) inside that phase's `record_function` ranges.
+    events: `torch.profiler.profile(...).events()`."""
+    counts = dict.fromkeys(phases, 0)
+    for event in events:
+        if not is_launch(event, device):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in counts:
+            parent = parent.cpu_parent
+        if parent is not None:
+            counts[parent.name] += 1
+    return counts

@@ -8,7 +8,7 @@ teacher pass, then the head's student, pseudo-labeler and losses):
 | phase          | what runs                                                                |
 |----------------|--------------------------------------------------------------------------|
 | encoder        | `compute_cams` up to the end of the CAM block (the no-grad encoder part) |
-| grad_cam       | the rest of `compute_cams`: forward from the CAM block, one backward per class slot |
+| grad_cam       | the rest of `compute_cams`: forward from the CAM block, one batched backward over the class slots |
 | refine         | `encoder_affinities` + `refine_cams` (layer selection, Sinkhorn, random walk, boxes) |
 | par_pseudo     | `pseudo_labels` (background, PAR, argmax)                                |
 | decoder_loss   | the student (decoder + `decoder_affinity`), and later `method_losses`    |
@@ -18,7 +18,8 @@ The encoder / Grad-CAM boundary is taken by a forward hook on the last module th
 `step` is the real teacher pass + `Head.micro_batch` (student, pseudo-labels, losses, backward),
 timed on its own (its runs alternate with the phased ones) as a cross-check of the phase sum. Times:
 median of `--repeats` after one warm-up, `torch.cuda.synchronize()` at every boundary on CUDA.
-Memory: the peak of allocated tensor memory during a phase above what was allocated when the phase
+Launches: counted by the torch profiler in one more, untimed run (`stages.phase_launches`). Memory: the
+peak of allocated tensor memory during a phase above what was allocated when the phase
 began (CUDA: `torch.cuda.max_memory_allocated`; CPU: the allocation events of `torch.profiler` with
 `profile_memory=True`, in one extra, untimed run). CUDA runs under autocast bf16, as training does;
 CPU runs in fp32.
@@ -47,7 +48,7 @@ from affseg.losses import method_losses
 from affseg.method import Teacher, build_pseudo_labeler, build_student, build_teacher
 from affseg.refine.affinity import encoder_affinities
 from affseg.refine.pseudo import pseudo_labels, refine_cams
-from stages import PHASES, PhaseClock, block_end_module, cpu_phase_peaks  # benchmarks/stages.py
+from stages import PHASES, PhaseClock, block_end_module, cpu_phase_peaks, phase_launches  # benchmarks/stages.py
 
 STEP = "step"
 CLASSES_PER_IMAGE = 2  # present classes per image (VOC averages about 1.5)
@@ -99,8 +100,9 @@ def whole_step(teacher: Teacher, head: Head, images: torch.Tensor, labels: torch
     clock.stop()
 
 
-def measure(name: str, device: torch.device, batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """{phase: (median ms, peak MiB)} for one encoder on one device, `STEP` included."""
+def measure(name: str, device: torch.device, batch: int, size: int,
+            repeats: int) -> dict[str, tuple[float, float, int]]:
+    """{phase: (median ms, peak MiB, launches)} for one encoder on one device, `STEP` included."""
     config = load_config(None, [f"model.encoder={name}", "model.checkpoint=random", f"train.batch_size={batch}",
                                 "train.accumulation=1", f"data.crop_size={size}"])
     torch.manual_seed(SEED)
@@ -140,7 +142,13 @@ def measure(name: str, device: torch.device, batch: int, size: int, repeats: int
                     step(teacher, head, images, labels, iteration, PhaseClock(device))
                 profiler.export_chrome_trace(str(trace))
                 peaks.update(cpu_phase_peaks(trace, names))
-    return {phase: (times[phase], peaks[phase] / MIB) for phase in (*PHASES, STEP)}
+    counts = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for step, names in ((phased_step, PHASES), (whole_step, (STEP,))):
+        with profile(activities=activities) as profiler:
+            step(teacher, head, images, labels, iteration, PhaseClock(device))
+        counts.update(phase_launches(profiler.events(), names, device))
+    return {phase: (times[phase], peaks[phase] / MIB, counts[phase]) for phase in (*PHASES, STEP)}
 
 
 def main() -> None:
@@ -164,16 +172,18 @@ def main() -> None:
     print(f"one iteration: batch {args.batch}, {args.size}x{args.size}, accumulation 1, "
           f"{CLASSES_PER_IMAGE} classes per image; median of {args.repeats} after {WARMUP_RUNS} warm-up; "
           "CUDA under autocast bf16")
-    tables = (("time (ms)", 0, (*PHASES, "sum", STEP)),
-              ("peak memory above the phase's start (MiB)", 1, (*PHASES, STEP)))
-    for title, index, columns in tables:
+    tables = (("time (ms)", 0, (*PHASES, "sum", STEP), "{:.1f}"),
+              ("peak memory above the phase's start (MiB)", 1, (*PHASES, STEP), "{:.1f}"),
+              ("kernel launches (CPU: aten operators that call no other; CUDA: kernel launch calls)", 2,
+               (*PHASES, "sum", STEP), "{:d}"))
+    for title, index, columns, form in tables:
         print(f"\n{title}\n")
         print("| encoder | device | " + " | ".join(columns) + " |")
         print("|---|---|" + "---:|" * len(columns))
         for name, device, result in rows:
             values = {phase: value[index] for phase, value in result.items()}
             values["sum"] = sum(values[phase] for phase in PHASES)
-            print(f"| {name} | {device.type} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
+            print(f"| {name} | {device.type} | " + " | ".join(form.format(values[c]) for c in columns) + " |")
     print(f"\nsum = the phases added up; {STEP} = the real teacher pass + Head.micro_batch "
           "(student, pseudo-labels, losses, backward), measured alone")
 
