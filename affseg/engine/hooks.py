@@ -36,10 +36,9 @@ class LogHook(Hook):
         self.tick = time.perf_counter()
 
     def after_step(self, trainer: Trainer) -> None:
-        interval = trainer.config.train.log_interval
-        if not (trainer.iteration % interval == 0 or trainer.iteration == 1):
+        if not trainer.is_log_step():
             return
-        elapsed = (time.perf_counter() - self.tick) / max(1, interval)
+        elapsed = (time.perf_counter() - self.tick) / max(1, trainer.config.train.log_interval)
         for head, values in trainer.step_values.items():
             if not head.last_step_ok:  # a skipped step has nothing to log (`Trainer.reads_host` read it)
                 continue

@@ -140,7 +140,7 @@ class Trainer:
                           num_workers=cfg.data.num_workers, pin_memory=self.runtime.device.type == "cuda",
                           persistent_workers=cfg.data.num_workers > 0, generator=generator)
 
-    def _step(self, batches) -> dict[Head, dict[str, float] | None]:
+    def _step(self, batches) -> dict[Head, dict[str, torch.Tensor]]:
         """One optimiser step of every active head over `accumulation` micro-batches, one teacher pass each.
 
         Always consumes exactly `accumulation` micro-batches, so batch t stays a function of (seed, t); a
@@ -173,11 +173,15 @@ class Trainer:
         scaled = [head.scaled_loss(teacher, output, masks, self.iteration) for head, output in zip(heads, outputs)]
         torch.stack(scaled).sum().backward()
 
+    def is_log_step(self) -> bool:
+        """Every `train.log_interval` iterations, and at the first."""
+        return self.iteration == 1 or self.iteration % self.config.train.log_interval == 0
+
     def reads_host(self) -> bool:
         """Whether this iteration reads device values on the host anyway: a log step, a validation or the
         end. Only then are the heads' counters read, so that other steps never wait for the device."""
         cfg, done = self.config.train, self.iteration
-        return done == 1 or done % cfg.log_interval == 0 or done % cfg.val_interval == 0 or done == cfg.iterations
+        return self.is_log_step() or done % cfg.val_interval == 0 or done == cfg.iterations
 
     def _read_counters(self) -> None:
         """Every active head's skipped steps and unconverged box masks since the last read: a warning for
