@@ -9,13 +9,14 @@ Same inputs for old and new: batch 4, background + 3 classes per image, 224² an
 | swin_attention | softmax(QKᵀ·scale + bias + mask)·V, written out | `F.scaled_dot_product_attention`, one additive mask |
 | affinities     | one matmul per block                          | one batched matmul over all blocks          |
 | components     | box masks' connected components of the present maps (boolean indexing), 3×3 max propagation until `torch.equal` says stable | every map, a fixed h + w rounds of propagation + one pointer jump, no host read |
-| par            | 48 `addcmul_` per iteration (6 dilations, 20 iterations, kernel included) | not replaced yet: the same code on both sides |
+| par            | kernel neighbour by neighbour; 48 shifted `addcmul_` per iteration (6 dilations, 20 iterations, kernel included) | kernel from one `index_select` of every pixel's neighbours; one `F.embedding_bag` per iteration |
 
 Time: median of `--repeats` interleaved old/new runs after one warm-up. Launches: kernels counted by the
 torch profiler in one extra run (kernel launch calls on a GPU; on CPU the aten operators that do the work, i.e.
 those that call no other operator). Max abs diff: new against old on the same inputs.
 
     OMP_NUM_THREADS=1 python benchmarks/hot_path.py [--sizes 224 448] [--repeats 5] [--device auto|cpu|cuda]
+        [--pieces par ...]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ GRID_STRIDE = 16
 SWIN_B_STAGE3 = {"embed_dim": 512, "num_heads": 16}  # Swin-B stage 3: 512 channels, 16 heads
 AFFINITY_BLOCKS = 4  # the refine space's typical n0
 SEED = 0
+PIECES = ("grad_cam", "swin_attention", "affinities", "components", "par")
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--pieces", nargs="+", choices=PIECES, default=list(PIECES), help="the pieces to time")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -162,11 +165,15 @@ def main() -> None:
     par_rows = []
     for size in args.sizes:
         for name, (old, new) in pieces(size, device).items():
+            if name not in args.pieces:
+                continue
             row = compare(old, new, args.repeats, device)
             print(f"| {name} | {size} | {row['old_ms']:.1f} | {row['new_ms']:.1f} | {row['ratio']:.2f}x | "
                   f"{row['old_launches']} → {row['new_launches']} | {row['max_abs_diff']:.1e} |", flush=True)
             if name == "par":
                 par_rows.append(row)
+    if not par_rows:
+        return
     last = par_rows[-1]
     print(f"PAR launches: {last['old_launches']} -> {last['new_launches']} "
           f"({last['old_launches'] / last['new_launches']:.1f}x fewer), time {last['ratio']:.2f}x")

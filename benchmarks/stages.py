@@ -210,12 +210,37 @@ def cpu_phase_peaks(trace: Path, phases: tuple[str, ...]) -> dict[str, int]:
 KERNEL_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
+# aten operators that move no data and would launch no kernel on a GPU: views, aliases, allocation, queries
+NO_WORK_OPS = frozenset(f"aten::{name}" for name in (
+    "as_strided", "view", "_unsafe_view", "_reshape_alias", "alias", "detach", "resolve_conj", "resolve_neg",
+    "empty", "empty_strided", "empty_like", "resize_", "_nnpack_available", "lift_fresh", "result_type",
+    "expand", "expand_as", "permute", "transpose", "t", "numpy_T", "select", "slice", "narrow", "unsqueeze",
+    "squeeze", "reshape", "flatten", "unflatten", "view_as", "split", "split_with_sizes", "chunk", "unbind",
+    "contiguous", "to", "type_as", "movedim", "diagonal", "unfold", "size", "stride", "dim", "dropout",
+    "set_", "lift", "_has_compatible_shallow_copy_type",
+))
+
+
+def _does_work(event) -> bool:
+    """An aten operator that moves data: itself (outside `NO_WORK_OPS`) or through a callee (a `reshape` that
+    has to copy)."""
+    return event.name.startswith("aten::") and (
+        event.name not in NO_WORK_OPS or any(_does_work(child) for child in event.cpu_children))
+
+
 def is_launch(event, device: torch.device) -> bool:
-    """A profiler event that launches work: a CUDA kernel launch call on a GPU; on the CPU, an aten
-    operator that calls no other (the one that does the work)."""
+    """A profiler event that launches work: a CUDA kernel launch call on a GPU; on the CPU, an aten operator
+    that the Python code (or the autograd engine) called and that does work (`_does_work`): `aten::linear`
+    counts once, not the `addmm` and `copy_` it calls on the CPU; views, aliases and allocations not at all.
+    That is the CPU's closest count of what would be a kernel launch on a GPU."""
     if device.type == "cuda":
         return event.name in KERNEL_LAUNCH_CALLS
-    return event.name.startswith("aten::") and not event.cpu_children
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return _does_work(event)
 
 
 def phase_launches(events, phases: Sequence[str], device: torch.device) -> dict[str, int]:

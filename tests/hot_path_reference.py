@@ -2,13 +2,16 @@
 the "old" side of `benchmarks/hot_path.py` (one copy, imported by both).
 
 - `reference_cams`: Grad-CAM with one `autograd.grad` per present-class slot (now one batched backward);
-- `reference_par`: PAR as 48 `addcmul_` per iteration and a neighbour-by-neighbour kernel (still the current
-  code: PAR is not replaced yet);
+- `reference_par`: PAR as 48 shifted `addcmul_` per iteration on replicate-padded maps and a
+  neighbour-by-neighbour kernel (now one gather for the kernel and one `embedding_bag` per iteration);
 - `reference_window_attention`: Swin window attention as explicit softmax(QKᵀ·scale + bias + mask)·V;
-- `reference_encoder_affinities`: one matmul per block.
+- `reference_encoder_affinities`: one matmul per block;
+- `reference_component_labels`: the box masks' components propagated until `torch.equal` says stable.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from affseg.backbones.swin import WindowLayout, _partition, _unpartition
 from affseg.cam import cam_from_gradients, minmax_normalise
-from affseg.refine.par import _propagate, par_kernel
+from affseg.refine.par import STD_EPS, neighbour_offsets
 from affseg.slots import max_present, slot_masks
 
 
@@ -39,12 +42,50 @@ def reference_cams(teacher, images: Tensor, labels: Tensor, method: str) -> Tens
     return minmax_normalise(cams)
 
 
+def _shifted(padded: Tensor, offset: tuple[int, int], pad: int, size: tuple[int, int]) -> Tensor:
+    """The view of a replicate-padded (…, H + 2·pad, W + 2·pad) tensor seen from `offset`."""
+    dy, dx = offset
+    height, width = size
+    return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
+
+
+def reference_par_kernel(images: Tensor, dilations: list[int], w1: float, w2: float) -> Tensor:
+    """κ neighbour by neighbour on replicate-padded images. images: (B, 3, H, W) → (B, P, H, W)."""
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
+    size = images.shape[-2:]
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    neighbours = [_shifted(padded, offset, pad, size) for offset in offsets]
+
+    mean = sum(neighbours) / len(neighbours)
+    var = sum((n - mean).pow(2) for n in neighbours) / (len(neighbours) - 1)
+    scale = (var.sqrt() + STD_EPS) * w1  # (B, 3, H, W)
+    colour = torch.stack([-((images - n).abs() / scale).pow(2).mean(dim=1) for n in neighbours], dim=1)
+
+    lengths = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=images.dtype, device=images.device)
+    position = -(lengths / ((lengths.std() + STD_EPS) * w1)).pow(2)
+    return colour.softmax(dim=1) + w2 * position.softmax(dim=0).view(1, -1, 1, 1)
+
+
+def reference_propagate(kernel: Tensor, maps: Tensor, dilations: list[int], iterations: int) -> Tensor:
+    """`iterations` of M ← Σ_p κ_p M_p as one `addcmul_` per neighbour. kernel: (B, P, H, W); maps: (B, K, H, W)."""
+    offsets = neighbour_offsets(dilations)
+    pad = max(dilations)
+    size = maps.shape[-2:]
+    for _ in range(iterations):
+        padded = F.pad(maps, (pad, pad, pad, pad), mode="replicate")
+        out = torch.zeros_like(maps)
+        for index, offset in enumerate(offsets):
+            out.addcmul_(kernel[:, index : index + 1], _shifted(padded, offset, pad, size))
+        maps = out
+    return maps
+
+
 @torch.no_grad()
 def reference_par(images: Tensor, maps: Tensor, dilations: list[int], iterations: int, w1: float,
                   w2: float) -> Tensor:
-    """PAR at full resolution, the kernel included. PAR is not replaced yet, so its reference is the loop in
-    `affseg.refine.par` itself; a replacement moves that loop here."""
-    return _propagate(par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
+    """PAR at full resolution, the kernel included (the old `affseg.refine.par.par` at scale 1)."""
+    return reference_propagate(reference_par_kernel(images, dilations, w1, w2), maps, dilations, iterations)
 
 
 def reference_window_attention(block, x: Tensor, layout: WindowLayout) -> Tensor:

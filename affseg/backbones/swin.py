@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,7 @@ class WindowLayout:
     shift: tuple[int, int]
     bias_index: Tensor  # (N, N) rows of the relative position bias table
     mask: Tensor | None  # (num_windows, N, N) shifted-window mask
+    additive: dict = field(default_factory=dict, repr=False, compare=False)  # `attention_mask`'s cache
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -120,6 +121,27 @@ def window_layout(grid: tuple[int, int], shifted: bool, device: torch.device) ->
     )
 
 
+def attention_mask(attn, layout: WindowLayout, dtype: torch.dtype) -> Tensor:
+    """One block's additive attention mask on ``layout``: relative position bias (+ the shifted-window mask)
+    → (heads, N, N) or (nW, heads, N, N), in ``dtype``.
+
+    The encoder is frozen, so it is built once per block, layout and dtype and kept on the layout, for as
+    long as the bias table is the same tensor at the same version (a loaded checkpoint writes it in place,
+    which bumps the version); a table that takes a gradient gets a fresh mask every call."""
+    table = attn.relative_position_bias_table
+    tracked = table.requires_grad and torch.is_grad_enabled()
+    key, stamp = (id(attn), dtype), (table.data_ptr(), table._version)
+    cached = layout.additive.get(key)
+    if cached is not None and not tracked and cached[0] == stamp:
+        return cached[1]
+    length = layout.bias_index.shape[0]
+    bias = table[layout.bias_index.flatten()].view(length, length, -1).permute(2, 0, 1)
+    additive = (bias if layout.mask is None else bias + layout.mask[:, None]).to(dtype)
+    if not tracked:
+        layout.additive[key] = (stamp, additive)
+    return additive
+
+
 def window_attention(block: SwinTransformerBlock, x: Tensor, layout: WindowLayout) -> Tensor:
     """(Shifted-)window self-attention of a timm Swin block on a normalised ``(B, h, w, C)`` map.
 
@@ -130,7 +152,8 @@ def window_attention(block: SwinTransformerBlock, x: Tensor, layout: WindowLayou
     if any(layout.shift):
         x = torch.roll(x, shifts=(-layout.shift[0], -layout.shift[1]), dims=(1, 2))
     pad_h, pad_w = layout.padding
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     padded_h, padded_w = height + pad_h, width + pad_w
 
     attn = block.attn
@@ -139,9 +162,8 @@ def window_attention(block: SwinTransformerBlock, x: Tensor, layout: WindowLayou
     num_windows = windows // batch
     qkv = attn.qkv(tokens).reshape(batch, num_windows, length, 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
     query, key, value = qkv.unbind(0)  # (B, nW, heads, N, head_dim)
-    bias = attn.relative_position_bias_table[layout.bias_index.flatten()].view(length, length, -1).permute(2, 0, 1)
-    additive = bias if layout.mask is None else bias + layout.mask[:, None]  # (heads | nW × heads, N, N)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive.to(query.dtype), scale=attn.scale)
+    additive = attention_mask(attn, layout, query.dtype)  # (heads | nW × heads, N, N)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, scale=attn.scale)
     out = out.transpose(2, 3).reshape(windows, length, -1)
     out = attn.proj(out)
 

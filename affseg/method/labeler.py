@@ -9,7 +9,7 @@ from torch import Tensor
 
 from affseg.config import RefineConfig
 from affseg.method.teacher import TeacherOutput
-from affseg.refine.par import image_kernel
+from affseg.refine.par import ParKernel, image_kernel
 from affseg.refine.pseudo import checked_refine_cams, pseudo_labels
 
 
@@ -63,7 +63,7 @@ class PseudoLabeler:
                 "refined": self(teacher, aff_dec, iteration).pseudo,
             }
 
-    def _par_kernel(self, teacher: TeacherOutput) -> Tensor:
+    def _par_kernel(self, teacher: TeacherOutput) -> ParKernel:
         """PAR's image kernel of this batch under these settings, shared with every head that has the same."""
         p = self.settings.par
         key = ("par_kernel", tuple(p.dilations), p.w1, p.w2, p.scale)

@@ -10,7 +10,7 @@ from affseg.config import RefineConfig
 from affseg.data.classes import BACKGROUND_INDEX, IGNORE_INDEX
 from affseg.grid import grid_to_pixels, grid_validity
 from affseg.refine.affinity import combine_affinities, select_layers
-from affseg.refine.par import par
+from affseg.refine.par import ParKernel, par
 from affseg.refine.random_walk import checked_box_masks, random_walk, transition_matrix
 from affseg.slots import max_present, present_first
 
@@ -75,7 +75,7 @@ def add_background(fg: Tensor, cfg: RefineConfig) -> Tensor:
 @torch.no_grad()
 def pseudo_labels(
     fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None,
-    par_kernel: Tensor | None = None, slots: int | None = None,
+    par_kernel: ParKernel | None = None, slots: int | None = None,
 ) -> Tensor:
     """Pixel labels in VOC index space (0 = background, c + 1 = foreground class c).
 
