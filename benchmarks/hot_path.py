@@ -8,7 +8,7 @@ Same inputs for old and new: batch 4, background + 3 classes per image, 224² an
 | grad_cam       | one `autograd.grad` per present-class slot    | one batched backward (`is_grads_batched`)   |
 | swin_attention | softmax(QKᵀ·scale + bias + mask)·V, written out | `F.scaled_dot_product_attention`, one additive mask |
 | affinities     | one matmul per block                          | one batched matmul over all blocks          |
-| components     | box masks' connected components of the present maps (boolean indexing), 3×3 max propagation until `torch.equal` says stable | every map, a fixed h + w rounds of propagation + one pointer jump, no host read |
+| components     | box masks' connected components of the present maps (boolean indexing), 3×3 max propagation until `torch.equal` says stable | every map, a fixed ⌈log2(h·w)⌉ + 2 rounds of 3×3 max, hooking and shortcutting, no host read |
 | par            | kernel neighbour by neighbour; 48 shifted `addcmul_` per iteration (6 dilations, 20 iterations, kernel included) | kernel from one `index_select` of every pixel's neighbours; one `F.embedding_bag` per iteration |
 
 Time: median of `--repeats` interleaved old/new runs after one warm-up. Launches: kernels counted by the

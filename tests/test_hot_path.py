@@ -76,7 +76,7 @@ def test_batched_encoder_affinities_equal_the_per_block_loop():
     torch.testing.assert_close(encoder_affinities(blocks), reference_encoder_affinities(blocks), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("grid", [(14, 14), (28, 28), (5, 9)])
+@pytest.mark.parametrize("grid", [(14, 14), (28, 28), (56, 56), (5, 9)])
 def test_fixed_budget_components_equal_propagation_until_stable(grid):
     generator = torch.Generator().manual_seed(0)
     random = torch.rand(64, *grid, generator=generator) > torch.rand(64, 1, 1, generator=generator)
