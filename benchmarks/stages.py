@@ -12,7 +12,7 @@ call resumes its caller's phase when it returns):
 | encoder      | `compute_cams` up to the end of the CAM block (the no-grad encoder part)    |
 | grad_cam     | the rest of `compute_cams`: forward from the CAM block, one batched backward over the class slots |
 | refine       | encoder affinities and `PseudoLabeler` without PAR: Sinkhorn, random walk, boxes |
-| par_pseudo   | `pseudo_labels` (background, PAR, argmax)                                   |
+| par_pseudo   | `label_scores`, `par`, `labels_from_scores` (background, PAR, argmax; `pseudo_labels` in validation) |
 | decoder_loss | the student's decoder, `decoder_affinity`, `method_losses`                  |
 | backward     | `Tensor.backward` (the decoder's backward)                                  |
 | rest         | everything else inside the timed call (optimiser step, glue)                |
@@ -46,6 +46,9 @@ MODULE_PHASES = {
     (student_module, "decoder_affinity"): "decoder_loss",
     (labeler_module, "checked_refine_cams"): "refine",
     (labeler_module, "pseudo_labels"): "par_pseudo",
+    (labeler_module, "label_scores"): "par_pseudo",
+    (labeler_module, "par"): "par_pseudo",
+    (labeler_module, "labels_from_scores"): "par_pseudo",
     (head_module, "method_losses"): "decoder_loss",
 }
 MIB = 2**20

@@ -90,6 +90,32 @@ def test_heads_with_the_same_par_settings_share_one_image_kernel(small_demo, tmp
     assert len(calls) == trainer.config.train.accumulation  # one per micro-batch, not one per head
 
 
+def test_heads_with_the_same_par_settings_run_par_as_one_call(small_demo, tmp_path, monkeypatch):
+    """`refine_together`: one PAR per PAR setting over all those heads' maps, and each head gets exactly the
+    pseudo-labels it gets alone."""
+    import torch
+
+    import affseg.method.labeler as labeler_module
+
+    overrides = [*MEMBERS, ("refine.par.iterations=5",), ("refine.par.enabled=false",)]
+    trainer = Trainer.fused([Member(_config(small_demo, tmp_path / str(i), o)) for i, o in enumerate(overrides)])
+    batch = next(iter(trainer._loader()))
+    teacher = trainer.teacher(batch["image"], batch["labels"], batch["valid"])
+    labelers = [head.labeler for head in trainer.heads]
+    with torch.no_grad():
+        aff_decs = [head.forward(teacher).aff_dec for head in trainer.heads]
+    alone = [labeler(teacher, aff_dec, 3) for labeler, aff_dec in zip(labelers, aff_decs)]
+    columns = []
+    original = labeler_module.par
+    monkeypatch.setattr(labeler_module, "par", lambda images, maps, *a, **k: columns.append(maps.shape[1]) or
+                        original(images, maps, *a, **k))
+    together = labeler_module.refine_together(labelers, teacher, aff_decs, 3)
+    slots = 1 + max(1, int(batch["labels"].sum(dim=1).max()))
+    assert columns == [3 * slots, slots]  # the three members with default PAR at once, then iterations=5
+    for one, joint in zip(alone, together):
+        assert torch.equal(one.pseudo, joint.pseudo) and torch.equal(one.refined, joint.refined)
+
+
 def test_a_group_validates_on_one_encoder_forward_per_image(small_demo, tmp_path, monkeypatch):
     from affseg.validate import validate, validate_heads
 

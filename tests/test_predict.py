@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_train import tiny_config
 
+import affseg.method.labeler as labeler_module
 import affseg.predict as predict_module
 import affseg.refine.pseudo as pseudo_module
 from affseg.config import EvalConfig
@@ -143,7 +144,8 @@ def test_validation_encodes_each_image_once(trainer, monkeypatch, tmp_path):
         return original_par(images, *args, **kwargs)
 
     monkeypatch.setattr(encoder, "encode_image", counting)
-    monkeypatch.setattr(pseudo_module, "par", counting_par)
+    monkeypatch.setattr(pseudo_module, "par", counting_par)  # `cam_par` (pseudo_labels)
+    monkeypatch.setattr(labeler_module, "par", counting_par)  # `refined` (refine_together)
     head = trainer.heads[0]
     assert head.labeler.settings.par.enabled
     result = validate(trainer.teacher, head.student, head.labeler, trainer.val_set, trainer.pseudo_set, 0,

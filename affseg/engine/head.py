@@ -19,7 +19,7 @@ from affseg.engine.checkpoint import CHECKPOINT_FORMAT, TrainingError
 from affseg.engine.runtime import RngStream, Runtime
 from affseg.engine.schedule import build_optimiser, build_scheduler
 from affseg.losses import method_losses
-from affseg.method import PseudoLabeler, Student, StudentOutput, TeacherOutput
+from affseg.method import PseudoLabeler, Refinement, Student, StudentOutput, TeacherOutput
 
 # Keys a resumed run must share with its checkpoint: they fix the lr schedule and the sample order.
 SCHEDULE_KEYS = ("iterations", "accumulation", "batch_size", "seed")
@@ -71,19 +71,25 @@ class Head:
         """Forward, losses and backward of one micro-batch; a non-finite loss voids the whole step.
 
         masks (B, H, W): the ground truth, the target under `train.supervision=full`."""
+        self.scaled_loss(teacher, self.forward(teacher), masks, iteration).backward()
+
+    def forward(self, teacher: TeacherOutput) -> StudentOutput:
+        """This head's student on the teacher's features (its own dropout stream)."""
         with self.rng.active(), self.runtime.autocast():
-            output = self.student(teacher.features, teacher.images.shape[-2:])
-        self.scaled_loss(teacher, output, masks, iteration).backward()
+            return self.student(teacher.features, teacher.images.shape[-2:])
 
     def scaled_loss(self, teacher: TeacherOutput, output: StudentOutput, masks: torch.Tensor,
-                    iteration: int) -> torch.Tensor:
+                    iteration: int, refinement: Refinement | None = None) -> torch.Tensor:
         """The loss of one micro-batch from this head's student `output`, scaled for accumulation and AMP
         (what to backpropagate), its parts added to the step's totals on the device. A non-finite loss
-        marks the step void (`finish_step` then rolls it back); 0 is backpropagated in its place."""
+        marks the step void (`finish_step` then rolls it back); 0 is backpropagated in its place.
+        refinement: this head's pseudo-labels of `output` when the caller made them with other heads'
+        (`affseg.method.refine_together`)."""
         accumulation = self.config.train.accumulation
         with self.rng.active(), self.runtime.autocast():
             if self.uses_pseudo_labels:
-                refinement = self.labeler(teacher, output.aff_dec, iteration)
+                if refinement is None:
+                    refinement = self.labeler(teacher, output.aff_dec, iteration)
                 target = refinement.pseudo
                 self._pending_unconverged += (~refinement.converged).long()
             else:

@@ -23,7 +23,7 @@ from affseg.engine.head import Head
 from affseg.engine.memory import fit_message, free_bytes, head_bytes
 from affseg.engine.hooks import DEFAULT_HOOKS
 from affseg.engine.runtime import RngStream, Runtime
-from affseg.method import build_pseudo_labeler, build_student, build_teacher
+from affseg.method import Refinement, build_pseudo_labeler, build_student, build_teacher, refine_together
 from affseg.slots import max_present
 
 log = logging.getLogger(__name__)
@@ -158,19 +158,30 @@ class Trainer:
             masks = batch["mask"].to(device, non_blocking=True)
             with self.runtime.autocast():
                 teacher = self.teacher(images, labels, valid, slots)
-            if self.stacked is not None and len(heads) > 1:
-                self._batched_micro_batch(heads, teacher, masks)
+            if len(heads) > 1:
+                self._group_micro_batch(heads, teacher, masks)
             else:
-                for head in heads:
-                    head.micro_batch(teacher, masks, self.iteration)
+                heads[0].micro_batch(teacher, masks, self.iteration)
         return {head: head.finish_step() for head in heads}
 
-    def _batched_micro_batch(self, heads: list[Head], teacher, masks: torch.Tensor) -> None:
-        """`Head.micro_batch` of every head with their decoders in one batched call, and one backward."""
-        with self.runtime.autocast():
-            outputs = self.stacked([h.student.decoder for h in heads], [h.rng for h in heads],
-                                   teacher.features, teacher.images.shape[-2:])
-        scaled = [head.scaled_loss(teacher, output, masks, self.iteration) for head, output in zip(heads, outputs)]
+    def _group_micro_batch(self, heads: list[Head], teacher, masks: torch.Tensor) -> None:
+        """`Head.micro_batch` of every head of a fused group at once: the decoders one by one or in one
+        batched call (`train.batch_heads`), the pseudo-labels of all heads with one PAR per PAR setting
+        (`refine_together`), and one backward."""
+        if self.stacked is not None:
+            with self.runtime.autocast():
+                outputs = self.stacked([h.student.decoder for h in heads], [h.rng for h in heads],
+                                       teacher.features, teacher.images.shape[-2:])
+        else:
+            outputs = [head.forward(teacher) for head in heads]
+        labelled = [index for index, head in enumerate(heads) if head.uses_pseudo_labels]
+        refinements: list[Refinement | None] = [None] * len(heads)
+        together = refine_together([heads[i].labeler for i in labelled], teacher,
+                                   [outputs[i].aff_dec for i in labelled], self.iteration)
+        for index, refinement in zip(labelled, together):
+            refinements[index] = refinement
+        scaled = [head.scaled_loss(teacher, output, masks, self.iteration, refinement)
+                  for head, output, refinement in zip(heads, outputs, refinements)]
         torch.stack(scaled).sum().backward()
 
     def is_log_step(self) -> bool:

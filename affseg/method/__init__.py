@@ -9,12 +9,13 @@ Modules take plain arguments; only the builders in `affseg.method.build` read a 
 """
 
 from affseg.method.build import build_pseudo_labeler, build_student, build_teacher
-from affseg.method.labeler import PseudoLabeler
+from affseg.method.labeler import PseudoLabeler, Refinement, refine_together
 from affseg.method.student import Student, StudentOutput
 from affseg.method.teacher import Teacher, TeacherOutput
 
 __all__ = [
     "PseudoLabeler",
+    "Refinement",
     "Student",
     "StudentOutput",
     "Teacher",
@@ -22,4 +23,5 @@ __all__ = [
     "build_pseudo_labeler",
     "build_student",
     "build_teacher",
+    "refine_together",
 ]

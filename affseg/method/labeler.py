@@ -9,8 +9,8 @@ from torch import Tensor
 
 from affseg.config import RefineConfig
 from affseg.method.teacher import TeacherOutput
-from affseg.refine.par import ParKernel, image_kernel
-from affseg.refine.pseudo import checked_refine_cams, pseudo_labels
+from affseg.refine.par import ParKernel, image_kernel, par
+from affseg.refine.pseudo import LabelScores, checked_refine_cams, label_scores, labels_from_scores, pseudo_labels
 
 
 @dataclass
@@ -41,13 +41,20 @@ class PseudoLabeler:
     @torch.no_grad()
     def __call__(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> Refinement:
         """aff_dec (B, N, N): the student's A_f (detached here)."""
-        with torch.autocast(teacher.images.device.type, enabled=False):
-            refined, converged = self._refine(teacher, aff_dec, iteration)
-            use_par = self.settings.par.enabled
-            pseudo = pseudo_labels(refined, teacher.labels, teacher.images.float(), self.settings, use_par=use_par,
-                                   valid=teacher.valid, par_kernel=self._par_kernel(teacher) if use_par else None,
-                                   slots=teacher.slots)
-        return Refinement(refined=refined, pseudo=pseudo, converged=converged)
+        return refine_together([self], teacher, [aff_dec], iteration)[0]
+
+    def par_settings(self) -> tuple | None:
+        """What PAR's result depends on besides the maps (None when PAR is off): heads with equal settings
+        can run PAR as one call."""
+        p = self.settings.par
+        return (tuple(p.dilations), p.w1, p.w2, p.scale, p.iterations) if p.enabled else None
+
+    def _scores(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> tuple[Tensor, Tensor, LabelScores]:
+        """(refined maps, converged, pixel scores before PAR) under autocast off."""
+        refined, converged = self._refine(teacher, aff_dec, iteration)
+        scored = label_scores(refined, teacher.labels, tuple(teacher.images.shape[-2:]), self.settings,
+                              valid=teacher.valid, slots=teacher.slots)
+        return refined, converged, scored
 
     @torch.no_grad()
     def variants(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> dict[str, Tensor]:
@@ -74,3 +81,32 @@ class PseudoLabeler:
     def _refine(self, teacher: TeacherOutput, aff_dec: Tensor, iteration: int) -> tuple[Tensor, Tensor]:
         decoder_aff = aff_dec.detach().float() if self.uses_decoder(iteration) else None
         return checked_refine_cams(teacher.cams.float(), teacher.aff_enc, decoder_aff, self.settings, cells=teacher.cells)
+
+
+@torch.no_grad()
+def refine_together(labelers: list[PseudoLabeler], teacher: TeacherOutput, aff_decs: list[Tensor],
+                    iteration: int) -> list[Refinement]:
+    """Each labeler's `Refinement` of one teacher pass (a fused group's heads), aff_decs[i] its student's A_f.
+
+    The labelers whose PAR settings are equal run PAR as one call over all their maps: the maps are columns
+    of one pixel table, each column's result is what the map gets alone (bit for bit), and PAR's cost
+    hardly grows with the number of columns, so a group pays about one PAR, not one per head."""
+    with torch.autocast(teacher.images.device.type, enabled=False):
+        pending = [labeler._scores(teacher, aff_dec, iteration) for labeler, aff_dec in zip(labelers, aff_decs)]
+        groups: dict[tuple, list[int]] = {}
+        for index, labeler in enumerate(labelers):
+            if labeler.par_settings() is not None:
+                groups.setdefault(labeler.par_settings(), []).append(index)
+        images = teacher.images.float()
+        for members in groups.values():
+            first = labelers[members[0]]
+            p = first.settings.par
+            maps = [pending[index][2].scores for index in members]
+            refined = par(images, torch.cat(maps, dim=1), p.dilations, p.iterations, p.w1, p.w2, p.scale,
+                          kernel=first._par_kernel(teacher))
+            for index, part in zip(members, refined.split([m.shape[1] for m in maps], dim=1)):
+                pending[index][2].scores = part
+        return [Refinement(refined=refined, converged=converged,
+                           pseudo=labels_from_scores(scored, labeler.settings, labeler.settings.par.enabled,
+                                                     valid=teacher.valid))
+                for labeler, (refined, converged, scored) in zip(labelers, pending)]

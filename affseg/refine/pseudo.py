@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,53 @@ def add_background(fg: Tensor, cfg: RefineConfig) -> Tensor:
     return torch.cat([background, fg], dim=1)
 
 
+@dataclass
+class LabelScores:
+    """Pixel scores of background + present slots before PAR, with what turns them into labels.
+
+    scores: (B, 1 + S, H, W), background first; classes: (B, S) long, the VOC foreground class of each
+    slot; in_use: (B, S) bool, slots past an image's present count are padding (their scores are 0)."""
+
+    scores: Tensor
+    classes: Tensor
+    in_use: Tensor
+
+
+@torch.no_grad()
+def label_scores(fg_maps: Tensor, labels: Tensor, size: tuple[int, int], cfg: RefineConfig,
+                 valid: Tensor | None = None, slots: int | None = None) -> LabelScores:
+    """`pseudo_labels` up to PAR: present maps packed into slots, min-max normalised, upsampled to `size`
+    (H, W), background prepended."""
+    cells = None if valid is None else grid_validity(valid, fg_maps.shape[-2:])
+    slots = max_present(labels) if slots is None else slots
+    classes, in_use = present_first(labels, max(1, slots))  # (B, S)
+    grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
+    grid = minmax_normalise(grid, cells=cells) * in_use[:, :, None, None]
+    fg = grid_to_pixels(grid, size)  # SPEC §5.1: padded extent, then crop
+    return LabelScores(add_background(fg, cfg), classes, in_use)
+
+
+@torch.no_grad()
+def labels_from_scores(scored: LabelScores, cfg: RefineConfig, refined_by_par: bool,
+                       valid: Tensor | None = None) -> Tensor:
+    """`pseudo_labels` after PAR: argmax over background + present slots, ignore band, crop padding.
+    refined_by_par: whether `scored.scores` went through PAR (their growth is divided out for the band)."""
+    scores, classes, in_use = scored.scores, scored.classes, scored.in_use
+    allowed = torch.cat([torch.ones_like(in_use[:, :1]), in_use], dim=1)[:, :, None, None]
+    slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background
+    fg_index = classes.gather(1, (slot.flatten(1) - 1).clamp(min=0)).view_as(slot) + 1
+    result = torch.where(slot == 0, torch.full_like(slot, BACKGROUND_INDEX), fg_index)
+
+    if cfg.ignore_band:
+        fg_scores = scores[:, 1:]  # slots past an image's present count are exactly 0 (× in_use above)
+        if refined_by_par:
+            fg_scores = fg_scores / (1 + cfg.par.w2) ** cfg.par.iterations
+        best = fg_scores.amax(dim=1)
+        band = (best >= cfg.low_threshold) & (best < cfg.high_threshold)
+        result = result.masked_fill(band, IGNORE_INDEX)
+    return result if valid is None else result.masked_fill(~valid, IGNORE_INDEX)
+
+
 @torch.no_grad()
 def pseudo_labels(
     fg_maps: Tensor, labels: Tensor, images: Tensor, cfg: RefineConfig, use_par: bool, valid: Tensor | None = None,
@@ -83,7 +132,8 @@ def pseudo_labels(
     the normalised input. Present maps are min-max normalised (absent ones are never
     looked at), upsampled bilinearly to H×W, a background map is prepended, PAR runs on
     background + present maps when `use_par` (training passes `cfg.par.enabled`), and
-    the argmax runs over background + present classes only.
+    the argmax runs over background + present classes only (`label_scores`, PAR,
+    `labels_from_scores`).
 
     Ignore band (`cfg.ignore_band`): a pixel whose best foreground score lies in
     [low_threshold, high_threshold) becomes IGNORE_INDEX. After PAR the scores are
@@ -96,27 +146,8 @@ def pseudo_labels(
     None = read from `labels`, a host sync on a GPU); the maps are packed to max(1, slots) slots.
     Returns (B, H, W) long.
     """
-    cells = None if valid is None else grid_validity(valid, fg_maps.shape[-2:])
-    slots = max_present(labels) if slots is None else slots
-    classes, in_use = present_first(labels, max(1, slots))  # (B, S)
-    grid = fg_maps.gather(1, classes[:, :, None, None].expand(-1, -1, *fg_maps.shape[-2:]))
-    grid = minmax_normalise(grid, cells=cells) * in_use[:, :, None, None]
-    fg = grid_to_pixels(grid, images.shape[-2:])  # SPEC §5.1: padded extent, then crop
-    scores = add_background(fg, cfg)  # (B, 1 + S, H, W)
+    scored = label_scores(fg_maps, labels, tuple(images.shape[-2:]), cfg, valid, slots)
     if use_par:
         p = cfg.par
-        scores = par(images, scores, p.dilations, p.iterations, p.w1, p.w2, p.scale, kernel=par_kernel)
-
-    allowed = torch.cat([torch.ones_like(in_use[:, :1]), in_use], dim=1)[:, :, None, None]
-    slot = scores.masked_fill(~allowed, float("-inf")).argmax(dim=1)  # (B, H, W), 0 = background
-    fg_index = classes.gather(1, (slot.flatten(1) - 1).clamp(min=0)).view_as(slot) + 1
-    result = torch.where(slot == 0, torch.full_like(slot, BACKGROUND_INDEX), fg_index)
-
-    if cfg.ignore_band:
-        fg_scores = scores[:, 1:]  # slots past an image's present count are exactly 0 (× in_use above)
-        if use_par:
-            fg_scores = fg_scores / (1 + cfg.par.w2) ** cfg.par.iterations
-        best = fg_scores.amax(dim=1)
-        band = (best >= cfg.low_threshold) & (best < cfg.high_threshold)
-        result = result.masked_fill(band, IGNORE_INDEX)
-    return result if valid is None else result.masked_fill(~valid, IGNORE_INDEX)
+        scored.scores = par(images, scored.scores, p.dilations, p.iterations, p.w1, p.w2, p.scale, kernel=par_kernel)
+    return labels_from_scores(scored, cfg, refined_by_par=use_par, valid=valid)
