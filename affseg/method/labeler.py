@@ -102,9 +102,9 @@ def refine_together(labelers: list[PseudoLabeler], teacher: TeacherOutput, aff_d
             first = labelers[members[0]]
             p = first.settings.par
             maps = [pending[index][2].scores for index in members]
-            refined = par(images, torch.cat(maps, dim=1), p.dilations, p.iterations, p.w1, p.w2, p.scale,
-                          kernel=first._par_kernel(teacher))
-            for index, part in zip(members, refined.split([m.shape[1] for m in maps], dim=1)):
+            after_par = par(images, torch.cat(maps, dim=1), p.dilations, p.iterations, p.w1, p.w2, p.scale,
+                            kernel=first._par_kernel(teacher))
+            for index, part in zip(members, after_par.split([m.shape[1] for m in maps], dim=1)):
                 pending[index][2].scores = part
         return [Refinement(refined=refined, converged=converged,
                            pseudo=labels_from_scores(scored, labeler.settings, labeler.settings.par.enabled,
