@@ -15,13 +15,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from fused_trials import member_configs  # noqa: E402  (benchmarks/fused_trials.py)
+from stages import seconds  # noqa: E402  (benchmarks/stages.py)
 
 from affseg.data.demo import DemoSpec, make_demo  # noqa: E402
 from affseg.engine.trainer import Member, Trainer  # noqa: E402
@@ -30,16 +30,6 @@ from affseg.slots import max_present  # noqa: E402
 
 ENCODER = "unicl_swin_tiny"
 PAST_REFINE_START = 10**6  # an iteration at which A_f takes part
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def measure(root: Path, k: int, repeats: int, device: str) -> tuple[float, float]:
@@ -58,9 +48,9 @@ def measure(root: Path, k: int, repeats: int, device: str) -> tuple[float, float
         times = {name: [] for name in ways}
         for run in range(1 + repeats):  # the first is the warm-up
             for name, fn in ways.items():
-                seconds = timed(fn, on)
+                took = seconds(fn, on)
                 if run:
-                    times[name].append(seconds)
+                    times[name].append(took)
         return tuple(1e3 * statistics.median(times[name]) for name in ways)
 
 

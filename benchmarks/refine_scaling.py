@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from stages import seconds  # benchmarks/stages.py
 
 from affseg.config import RefineConfig
 from affseg.data.classes import NUM_FOREGROUND
@@ -40,16 +40,6 @@ def _inputs(grid: int, classes: int, device: torch.device) -> tuple:
     return cams, aff_enc, aff_dec, labels, images
 
 
-def _seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -71,8 +61,8 @@ def main() -> None:
 
             refine()
             label()  # warm-up
-            refine_times = [_seconds(refine, device) for _ in range(REPEATS)]
-            label_times = [_seconds(label, device) for _ in range(REPEATS)]
+            refine_times = [seconds(refine, device) for _ in range(REPEATS)]
+            label_times = [seconds(label, device) for _ in range(REPEATS)]
             r, p = statistics.median(refine_times), statistics.median(label_times)
             size = f"{grid * STRIDE}²"
             print(f"{grid:>4}²  {size:>8} {classes:>7} {r:>12.4f} {p:>11.4f} {r + p:>8.4f}")

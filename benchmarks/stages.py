@@ -59,6 +59,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of `fn`, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 class PhaseClock:
     """Wall time, CUDA peak memory and profiler ranges of consecutive phases.
 
