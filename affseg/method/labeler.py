@@ -95,8 +95,8 @@ def refine_together(labelers: list[PseudoLabeler], teacher: TeacherOutput, aff_d
         pending = [labeler._scores(teacher, aff_dec, iteration) for labeler, aff_dec in zip(labelers, aff_decs)]
         groups: dict[tuple, list[int]] = {}
         for index, labeler in enumerate(labelers):
-            if labeler.par_settings() is not None:
-                groups.setdefault(labeler.par_settings(), []).append(index)
+            if (settings := labeler.par_settings()) is not None:
+                groups.setdefault(settings, []).append(index)
         images = teacher.images.float()
         for members in groups.values():
             first = labelers[members[0]]

@@ -55,6 +55,12 @@ def component_rounds(height: int, width: int) -> int:
     return math.ceil(math.log2(max(2, height * width))) + SPARE_ROUNDS
 
 
+def _neighbourhood_max(labels: Tensor, height: int, width: int) -> Tensor:
+    """The 3×3 maximum of (M, h·w) labels laid out on an h×w grid → (M, h·w)."""
+    maps = labels.shape[0]
+    return F.max_pool2d(labels.view(maps, 1, height, width), kernel_size=3, stride=1, padding=1).view(maps, -1)
+
+
 def _component_labels(mask: Tensor) -> tuple[Tensor, Tensor]:
     """8-connected components of (M, h, w) bool masks in a fixed number of rounds (no host sync).
 
@@ -73,11 +79,10 @@ def _component_labels(mask: Tensor) -> tuple[Tensor, Tensor]:
     keep = mask.to(torch.float32).view(maps, -1)
     labels = torch.arange(height * width, device=mask.device, dtype=torch.float32) * keep  # (M, h·w)
     for _ in range(component_rounds(height, width)):
-        nb = F.max_pool2d(labels.view(maps, 1, height, width), kernel_size=3, stride=1, padding=1).view(maps, -1) * keep
+        nb = _neighbourhood_max(labels, height, width) * keep
         hooked = labels.scatter_reduce(1, labels.long(), nb, reduce="amax").maximum(nb)
         labels = hooked.maximum(hooked.gather(1, hooked.long())) * keep
-    grown = F.max_pool2d(labels.view(maps, 1, height, width), kernel_size=3, stride=1, padding=1).view(maps, -1)
-    converged = (grown * keep == labels).all()
+    converged = (_neighbourhood_max(labels, height, width) * keep == labels).all()
     return ((labels + 1) * keep).view(maps, height, width).long(), converged
 
 
