@@ -96,6 +96,7 @@ def test_heads_with_the_same_par_settings_run_par_as_one_call(small_demo, tmp_pa
     import torch
 
     import affseg.method.labeler as labeler_module
+    from affseg.refine.pseudo import pseudo_labels
 
     overrides = [*MEMBERS, ("refine.par.iterations=5",), ("refine.par.enabled=false",)]
     trainer = Trainer.fused([Member(_config(small_demo, tmp_path / str(i), o)) for i, o in enumerate(overrides)])
@@ -104,7 +105,12 @@ def test_heads_with_the_same_par_settings_run_par_as_one_call(small_demo, tmp_pa
     labelers = [head.labeler for head in trainer.heads]
     with torch.no_grad():
         aff_decs = [head.forward(teacher).aff_dec for head in trainer.heads]
-    alone = [labeler(teacher, aff_dec, 3) for labeler, aff_dec in zip(labelers, aff_decs)]
+    alone = []  # each labeler's refinement and PAR on its own, through `pseudo_labels`, not `refine_together`
+    for labeler, aff_dec in zip(labelers, aff_decs):
+        refined, _ = labeler._refine(teacher, aff_dec, 3)
+        alone.append((refined, pseudo_labels(refined, teacher.labels, teacher.images.float(), labeler.settings,
+                                             use_par=labeler.settings.par.enabled, valid=teacher.valid,
+                                             slots=teacher.slots)))
     columns = []
     original = labeler_module.par
     monkeypatch.setattr(labeler_module, "par", lambda images, maps, *a, **k: columns.append(maps.shape[1]) or
@@ -112,8 +118,8 @@ def test_heads_with_the_same_par_settings_run_par_as_one_call(small_demo, tmp_pa
     together = labeler_module.refine_together(labelers, teacher, aff_decs, 3)
     slots = 1 + max(1, int(batch["labels"].sum(dim=1).max()))
     assert columns == [3 * slots, slots]  # the three members with default PAR at once, then iterations=5
-    for one, joint in zip(alone, together):
-        assert torch.equal(one.pseudo, joint.pseudo) and torch.equal(one.refined, joint.refined)
+    for (refined, pseudo), joint in zip(alone, together):
+        assert torch.equal(pseudo, joint.pseudo) and torch.equal(refined, joint.refined)
 
 
 def test_a_group_validates_on_one_encoder_forward_per_image(small_demo, tmp_path, monkeypatch):
